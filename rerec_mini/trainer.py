@@ -408,7 +408,9 @@ class Trainer:
                 a[j, mask[j].cpu()] = torch.from_numpy(adv[r])
             micro.append({"ids": ids, "mask": mask, "adv": a.to(self.device)})
         norm = StepNorm(tokens=int(sum(m["mask"].sum() for m in micro)), seqs=len(rows), max_len=cfg.max_completion_length)
-        stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "loss": 0.0, "skipped": 0}
+        lengths = [len(b.prompt_ids[r // G]) + len(b.completions[r]) for r in rows]
+        stats = {"kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0, "loss": 0.0, "skipped": 0,
+                 "update_tokens": sum(lengths), "update_seq_len": sum(lengths) / max(len(lengths), 1)}
         if not micro:
             return stats
         with torch.no_grad(), self._autocast():
