@@ -1,8 +1,8 @@
 """Train a recommendation assistant with ReRec: `python train.py --model tiny` (offline demo).
 
 Every option is a field of rerec_mini.trainer.Config; `python train.py --help` lists them.
-`--model tiny` fills unset options from TINY_PRESET (a ~3M-parameter model trained from
-scratch: SFT warm start, then ReRec GRPO; about ten minutes on two CPU cores).
+`--model tiny` fills unset options from TINY_PRESET (a ~0.4M-parameter model trained from
+scratch: SFT warm start, then ReRec GRPO; about seven minutes on two CPU cores).
 """
 
 import argparse

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import QUERY_TYPES
-from .trainer import BUNDLED_DATA, Trainer, resolve_config
+from .trainer import BUNDLED_DATA, Trainer, TrainingStopped, resolve_config
 
 VARIANTS = {
     "full": {},
@@ -124,18 +124,22 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list[dict]] = {n: [] for n in ["sft"] * (base.sft_steps > 0) + names}
     run_dirs: dict[tuple[str, int], Path] = {}
-    for seed in range(args.seeds):
-        start = base.model
-        if base.sft_steps > 0:  # one SFT start per seed, shared by every variant
-            sft = replace(base, seed=seed, max_steps=0, output_dir=str(out / f"sft-seed{seed}"))
-            results["sft"].append(run_once(sft))
-            start = str(out / f"sft-seed{seed}" / "final")
-        for name in names:
-            cfg = replace(base, **VARIANTS[name], model=start, sft_steps=0, seed=seed,
-                          output_dir=str(out / f"{name}-seed{seed}"))
-            results[name].append(run_once(cfg))
-            run_dirs[(name, seed)] = Path(cfg.output_dir)
-            print(f"[{name} seed {seed}] hit@1 {results[name][-1]['overall']['hit@1']:.3f}", flush=True)
+    try:
+        for seed in range(args.seeds):
+            start = base.model
+            if base.sft_steps > 0:  # one SFT start per seed, shared by every variant
+                sft = replace(base, seed=seed, max_steps=0, output_dir=str(out / f"sft-seed{seed}"))
+                results["sft"].append(run_once(sft))
+                start = str(out / f"sft-seed{seed}" / "final")
+            for name in names:
+                cfg = replace(base, **VARIANTS[name], model=start, sft_steps=0, seed=seed,
+                              output_dir=str(out / f"{name}-seed{seed}"))
+                results[name].append(run_once(cfg))
+                run_dirs[(name, seed)] = Path(cfg.output_dir)
+                print(f"[{name} seed {seed}] hit@1 {results[name][-1]['overall']['hit@1']:.3f}", flush=True)
+    except TrainingStopped as e:  # SIGINT/SIGTERM, or repeated NaN: the checkpoint is on disk
+        print(f"stopped: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
+        return 1
     md = table(results)
     (out / "results.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

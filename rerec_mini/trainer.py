@@ -117,7 +117,7 @@ class Config:
 # flag the user did not set. Sized so SFT + RL + two evaluations fit in ~10 minutes on 2 CPU cores.
 TINY_PRESET = dict(
     tiny_hidden=128, tiny_layers=2, tiny_vocab=1024, num_candidates=8, show_attributes="auto",
-    sft_steps=1000, sft_learning_rate=5e-3, sft_batch_size=16,
+    sft_steps=1000, sft_learning_rate=5e-3, sft_batch_size=16, sft_prompt_weight=0.5,
     max_steps=150, batch_size=8, num_generations=6, max_completion_length=80, learning_rate=3e-4,
     warmup_steps=5, beta=0.0, micro_batch_size=48, save_every=50,
 )

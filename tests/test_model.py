@@ -12,19 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from rerec_mini.model import (CausalLM, ModelConfig, build_tiny, load_model, load_tokenizer, save_model,
                               tiny_model_dir, token_logprobs)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, max_position_embeddings=256)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}  # short, so a 40-token input spans all three bands
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny: a second thread only adds synchronisation, which is erratic on small VMs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_model(arch, seed=0):

@@ -7,17 +7,9 @@ from transformers import AutoModelForCausalLM
 from rerec_mini.model import CausalLM, ModelConfig, save_model
 from rerec_mini.sampling import DecodeStep, generate, sample_next
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 V = 512
 LENGTHS = (3, 7, 5, 11)  # different prompt lengths decode together (left-padded)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matmuls are tiny: a second thread only adds synchronisation, which is erratic on small VMs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
