@@ -124,7 +124,7 @@ class Scorer:
 
     def match_titles(self, titles: list[str]) -> list[str | None]:
         """Item id (or None) for each title, against the whole catalogue."""
-        return [self.titles.match(t) for t in titles]
+        return self.titles.match_many(titles)
 
     # --- the batch
 

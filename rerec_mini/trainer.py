@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np

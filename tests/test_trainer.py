@@ -2,12 +2,11 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -177,7 +176,7 @@ def test_nan_loss_skips_the_update_then_stops_after_three(micro_model, tmp_path,
 
 def test_train_py_help_lists_every_option():
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
-    for f in T.fields(Config):
+    for f in fields(Config):
         assert "--" + f.name.replace("_", "-") in out, f.name
     assert "(tiny: " in out
 
