@@ -57,7 +57,7 @@ class _Sampler:
 
 
 class Shuffled(_Sampler):
-    """`--curriculum none`: shuffled epochs; a batch may straddle two epochs."""
+    """`--curriculum none`: shuffled epochs; a batch may straddle two epochs (without repeats)."""
 
     def __init__(self, num_queries: int, seed: int = 0, **_):
         super().__init__(num_queries, seed)
@@ -69,9 +69,20 @@ class Shuffled(_Sampler):
         self.epoch += 1
 
     def next_batch(self, batch_size: int) -> list[int]:
-        while len(self.order) < batch_size:
-            self._refill()
-        batch, self.order = self.order[:batch_size], self.order[batch_size:]
+        """The next `batch_size` queries of the epoch order, never one query twice in a batch: when
+        a batch straddles two epochs, a query the old epoch's tail already gave is taken later in
+        the new epoch instead (unless the batch is larger than the whole dataset)."""
+        unique = min(batch_size, self.n)
+        batch: list[int] = []
+        k = 0  # position in self.order; skipped queries stay there for a later batch
+        while len(batch) < batch_size:
+            if k == len(self.order):
+                self._refill()
+            q = self.order[k]
+            if q not in batch or len(set(batch)) >= unique:
+                batch.append(self.order.pop(k))
+            else:
+                k += 1
         self.step += 1
         return batch
 

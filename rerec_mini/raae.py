@@ -1,18 +1,42 @@
 """Reasoning-aware advantage estimation (RAAE, ReRec §4.2).
 
 The response before its final box is cut into reasoning segments (lines, and explicit step
-markers). When the final top item is wrong, the segments that argued for it (mention it)
-get a lower token-level reward; advantages are then normalised within each rollout group.
+markers). When the final top item is wrong, the segments that argued for it (mention it) are
+wrong, and their tokens get a lower advantage than the rest of their rollout.
 
     spans  = token_char_spans(tokenizer, ids)          # exact char span of every sampled token
     wrong  = wrong_segments(text, top_title, is_hit)    # char spans of the faulty reasoning
-    r_tok  = token_rewards(r, spans, wrong, penalty)    # r, or r - w|r| inside wrong segments
-    A      = group_advantages([r_tok...], r, G)         # (r_tok - mean_G r) / (std_G r + eps)
+    bad    = in_spans(spans, wrong)                     # [T] bool: the tokens inside them
+    adv    = group_advantages([bad, ...], rewards, G)   # token advantages of every rollout
+
+Where the penalty goes: the paper, the authors' release, and ours.
+  paper    r(i,t) = r_i - w|r_i| on wrong tokens, A(i,t) = (r(i,t) - mean_G r) / (std_G r + eps).
+           The penalty w|r_i| is in reward units and is then divided by the group's std. When
+           the G rewards differ only through the small QAS/PAS terms (every answer wrong: the
+           usual case early in RL) the std is ~1e-3 and a wrong token's advantage is -72 while
+           the other tokens sit at +-2; in a 1-hit-4-wrong group the same penalty is 0.1 std.
+           RAAE's strength would follow the noise in the alignment terms.  (--raae-advantage paper)
+  release  multiplies the wrong tokens' reward by 0.7, which *raises* a negative reward
+           (-0.5 -> -0.35): wrong reasoning in a failed answer is rewarded, not penalised.
+  ours     penalise the normalised advantage instead of the reward   (--raae-advantage bounded)
+               A_i    = (r_i - mean_G r) / s                      (s: --scale-rewards, below)
+               A(i,t) = A_i - w * max(|A_i|, c)   on wrong tokens, A_i on the others
+           The penalty is w * max(|A_i|, c) in advantage units whatever the group's spread. Like
+           the paper's r - w|r| it lowers a wrong token whatever the sign of A_i, by a share w of
+           its rollout's own advantage; the floor c (--raae-floor, 1 = one group std) keeps it from
+           vanishing when A_i ~ 0. With group scaling |A_i| <= sqrt(G-1), so no wrong token ever
+           moves by more than w * max(sqrt(G-1), c): 0.6 for w = 0.3, G = 5.
+           A flat group (all G rewards equal) has no contrast between rollouts: A_i = 0, and only
+           the wrong tokens move, to -w*c (the reasoning behind a wrong answer is still
+           discouraged; the paper's formula divides by eps there, and is set to 0 instead).
+Std scaling, TRL's `scale_rewards`: group (std of the query's G rewards, the default), batch
+(std of every reward in the step; the mean stays per group), none (no division, as Dr. GRPO).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -123,17 +147,6 @@ def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, np.ndarray]:
     return text, spans
 
 
-def token_rewards(reward: float, spans: np.ndarray, wrong: list[tuple[int, int]], penalty: float) -> np.ndarray:
-    """Per-token reward [T]: r everywhere, r - penalty*|r| on tokens inside a wrong segment.
-
-    Subtracting |r| lowers the reward whatever its sign (the release multiplied by 0.7,
-    which *raises* a negative reward). A token overlapping a wrong span counts as inside.
-    """
-    r = np.full(len(spans), reward, dtype=np.float32)
-    r[in_spans(spans, wrong)] = reward - penalty * abs(reward)
-    return r
-
-
 def in_spans(spans: np.ndarray, wrong: list[tuple[int, int]]) -> np.ndarray:
     """[T] bool: the token's char span overlaps one of the `wrong` spans."""
     inside = np.zeros(len(spans), dtype=bool)
@@ -142,25 +155,71 @@ def in_spans(spans: np.ndarray, wrong: list[tuple[int, int]]) -> np.ndarray:
     return inside
 
 
-def group_advantages(
-    token_rewards: list[np.ndarray], rewards: np.ndarray, group_size: int, eps: float = 1e-4
-) -> tuple[list[np.ndarray], int]:
-    """Token advantages A(i,t) = (r(i,t) - mean_G r) / (std_G r + eps), and #zero-variance groups.
+SCALES = ("group", "batch", "none")
+MODES = ("bounded", "paper")
 
-    token_rewards: N arrays [T_i]; rewards: [N] sequence rewards, the G rollouts of one
-    query adjacent. Mean and std (population) are over each group's sequence rewards. A
-    group whose G rewards are all equal carries no learning signal: A = 0 everywhere,
-    penalised tokens included (otherwise RAAE alone would push on a group with no contrast).
+
+@dataclass
+class Advantages:
+    """What `group_advantages` returns for N rollouts (the G rollouts of a query adjacent)."""
+
+    tokens: list[np.ndarray]  # N arrays [T_i] float32: the advantage of every response token
+    sequence: np.ndarray  # [N] float64: A_i, the rollout's advantage before any RAAE penalty
+    flat_groups: int  # groups whose G rewards are all equal (no contrast between rollouts)
+    penalised_tokens: int  # tokens inside wrong segments
+    penalty: np.ndarray  # [penalised_tokens] A_i - A(i,t) of each of them, in advantage units
+
+
+def sequence_advantages(rewards: np.ndarray, group_size: int, scale: str = "group",
+                        eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A_i = (r_i - mean_G r) / s: rewards [N] -> (A [N], mean per rollout [N], s per rollout [N]).
+
+    s is the std of the rollout's group (`group`), of the whole batch (`batch`), or 1 (`none`),
+    plus eps. Population std, as TRL's GRPO computes it.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
-    if len(rewards) % group_size:
+    if scale not in SCALES:
+        raise ValueError(f"unknown reward scaling {scale!r} (choose from {', '.join(SCALES)})")
+    if group_size < 1 or len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
     groups = rewards.reshape(-1, group_size)
-    mean, std = groups.mean(1), groups.std(1)
-    flat = np.ptp(groups, axis=1) < 1e-9
-    out = []
-    for i, r_tok in enumerate(token_rewards):
-        g = i // group_size
-        adv = np.zeros_like(r_tok) if flat[g] else ((r_tok - mean[g]) / (std[g] + eps)).astype(np.float32)
-        out.append(adv)
-    return out, int(flat.sum())
+    mean = np.repeat(groups.mean(1), group_size)
+    if scale == "group":
+        s = np.repeat(groups.std(1), group_size) + eps
+    elif scale == "batch":
+        s = np.full(len(rewards), rewards.std() + eps)
+    else:
+        s = np.ones(len(rewards))
+    return (rewards - mean) / s, mean, s
+
+
+def group_advantages(penalised: list[np.ndarray], rewards: np.ndarray, group_size: int, *, penalty: float = 0.3,
+                     scale: str = "group", floor: float = 1.0, mode: str = "bounded",
+                     eps: float = 1e-4) -> Advantages:
+    """Token advantages of N rollouts; the tokens in `penalised` ([T_i] bool each) are RAAE's.
+
+    bounded (ours): A(i,t) = A_i - penalty * max(|A_i|, floor) on penalised tokens, A_i elsewhere.
+    paper:          A(i,t) = (r(i,t) - mean_G r) / s with r(i,t) = r_i - penalty*|r_i| on penalised
+                    tokens; a flat group gets 0 everywhere (the formula would divide by eps).
+    With no penalised token both are plain GRPO: every token of rollout i gets A_i.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown RAAE advantage {mode!r} (choose from {', '.join(MODES)})")
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if len(penalised) != len(rewards):
+        raise ValueError(f"{len(penalised)} token masks for {len(rewards)} rewards")
+    seq, mean, s = sequence_advantages(rewards, group_size, scale, eps)
+    flat = np.ptp(rewards.reshape(-1, group_size), axis=1) < 1e-9  # [N/G]
+    seq[np.repeat(flat, group_size)] = 0.0  # exactly 0, not (r - mean) / eps rounding noise
+    tokens, gaps = [], []
+    for i, bad in enumerate(penalised):
+        adv = np.full(len(bad), seq[i])
+        if bad.any():
+            if mode == "bounded":
+                adv[bad] = seq[i] - penalty * max(abs(seq[i]), floor)
+            elif not flat[i // group_size]:
+                adv[bad] = (rewards[i] - penalty * abs(rewards[i]) - mean[i]) / s[i]
+            gaps.append(seq[i] - adv[bad])
+        tokens.append(adv.astype(np.float32))
+    gap = np.concatenate(gaps) if gaps else np.zeros(0)
+    return Advantages(tokens, seq, int(flat.sum()), len(gap), gap)

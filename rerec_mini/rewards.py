@@ -134,15 +134,27 @@ class Scorer:
         `candidates[n]`, or the whole catalogue). Parsing is per row; the rest is batched."""
         assert len(queries) == len(responses) and (candidates is None or len(candidates) == len(responses))
         cands = candidates if candidates is not None else [None] * len(responses)
-        return self.score_answers(queries, [self.parse(r, c) for r, c in zip(responses, cands)])
+        return self.score_answers(queries, [self.parse(r, c) for r, c in zip(responses, cands)], cands)
 
-    def score_answers(self, queries: list[Query], answers: list[Answer]) -> RewardBreakdown:
+    def relevant(self, query: Query, candidates: list[str] | None) -> np.ndarray:
+        """Sorted rows of the ground truth the prompt offered: GT ∩ candidates (all of it in open
+        generation). NDCG's hits and its ideal both count only these, as evaluation does: an
+        ideal over items the prompt never showed would push towards titles the model cannot see."""
+        gt = self.target(query).gt
+        if candidates is None:
+            return gt
+        shown = gt[np.isin(gt, [self.dataset.item_index[i] for i in candidates])]
+        return shown if len(shown) else gt
+
+    def score_answers(self, queries: list[Query], answers: list[Answer],
+                      candidates: list[list[str] | None] | None = None) -> RewardBreakdown:
         """The five terms for N parsed answers, as array arithmetic over the batch.
 
-        P [N, k] holds the first k answer item rows (-1 = none). With d_r = 1/log2(r+2):
-          rec = sum_r d_r [P_r in GT] / sum_{r < min(|GT|, k)} d_r
+        P [N, k] holds the first k answer item rows (-1 = none). With d_r = 1/log2(r+2) and
+        REL = GT ∩ candidates (`relevant`):
+          rec = sum_r d_r [P_r in REL] / sum_{r < min(|REL|, k)} d_r
           qas = sum_r d_r |attrs(P_r) ∩ A*| / |A*| / sum_r d_r      (over the answer's ranks r)
-          pas = sum_r d_r max_g clip(cos(P_r, g), 0, 1) / sum_r d_r  (1 exactly when P_r in GT)
+          pas = sum_r d_r max_g clip(cos(P_r, g), 0, 1) / sum_r d_r  (g over GT; 1 when P_r in REL)
         """
         cfg, N, k = self.config, len(answers), self.config.k
         assert len(queries) == N, "one query per answer"
@@ -151,6 +163,8 @@ class Scorer:
             return RewardBreakdown(z, z, z, z, z, z.astype(bool), z.astype(np.int64), z.astype(np.int64), [])
         n_items = len(self.dataset.item_ids)
         targets = [self.target(q) for q in queries]
+        cands = candidates if candidates is not None else [None] * N
+        rel_rows = [self.relevant(q, c) for q, c in zip(queries, cands)]
 
         # P: [N, k] item rows, -1 padded, filled from flat lists (one numpy call, not N).
         index = self.dataset.item_index
@@ -162,16 +176,17 @@ class Scorer:
         ok = valid[:, 0]  # format: at least one catalogue item
         disc = discounts(k)
 
-        # Ground-truth membership: keys row*I + item, sorted because rows ascend and each
-        # target's items are sorted; one searchsorted answers all N*k lookups.
+        # Relevance: keys row*I + item, sorted because rows ascend and each row's relevant
+        # items are sorted; one searchsorted answers all N*k lookups.
+        rel_len = np.array([len(r) for r in rel_rows], np.int64)
+        rel_keys = np.repeat(np.arange(N), rel_len) * n_items + np.concatenate(rel_rows)
+        keys = np.arange(N)[:, None] * n_items + P
+        pos = np.minimum(np.searchsorted(rel_keys, keys), len(rel_keys) - 1)
+        rel = valid & (rel_keys[pos] == keys)  # [N, k]
         gt_len = np.array([len(t.gt) for t in targets], np.int64)
         gt_items = np.concatenate([t.gt for t in targets])
-        gt_keys = np.repeat(np.arange(N), gt_len) * n_items + gt_items
-        keys = np.arange(N)[:, None] * n_items + P
-        pos = np.minimum(np.searchsorted(gt_keys, keys), len(gt_keys) - 1)
-        rel = valid & (gt_keys[pos] == keys)  # [N, k]
 
-        ideal = np.cumsum(disc)[np.minimum(gt_len, k) - 1]
+        ideal = np.cumsum(disc)[np.minimum(rel_len, k) - 1]
         rec = np.where(ok, (rel * disc).sum(1) / ideal, -0.5)
 
         # The parsed entries, flattened: entry e is (row er[e], rank ec[e]), item pe[e].

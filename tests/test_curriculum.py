@@ -23,6 +23,24 @@ def test_shuffled_epochs_cover_everything():
     assert c.stats()["epoch"] == 2
 
 
+@pytest.mark.parametrize("mode", ["none", "paper"])
+@pytest.mark.parametrize("n, batch", [(10, 4), (7, 3), (5, 5), (9, 8), (3, 5)])
+def test_no_query_twice_in_a_batch_across_epochs(mode, n, batch):
+    """A batch that straddles two epochs used to repeat a query (the old epoch's tail + the new
+    epoch's head); only a batch larger than the dataset may repeat, and then as little as possible."""
+    c = make_curriculum(mode, n, seed=1, batch_size=min(batch, n))
+    drawn = []
+    for step in range(12):
+        b = c.next_batch(batch)
+        assert len(b) == batch
+        assert len(set(b)) == min(batch, n), (step, b)
+        drawn += b
+        c.update(b, [0.5] * len(b))  # nothing retires
+    if batch <= n:  # every epoch still visits every query: counts differ by at most one
+        counts = np.bincount(drawn, minlength=n)
+        assert counts.max() - counts.min() <= 1
+
+
 def test_paper_retires_and_orders_easy_to_hard():
     c = PaperCurriculum(6, seed=0, tau=0.1, batch_size=2)
     first = c.next_batch(6)  # epoch 1: shuffled, everything

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rerec_mini.raae import group_advantages, segment, title_patterns, token_char_spans, token_rewards, wrong_segments
+from rerec_mini.raae import group_advantages, in_spans, segment, sequence_advantages, title_patterns, token_char_spans, wrong_segments
 
 
 @pytest.fixture(scope="module")
@@ -112,26 +112,90 @@ def test_char_spans_any_ids_even_broken_utf8(tokenizer, ids):
     assert spans.shape == (len(ids), 2) and (spans[:, 1] <= len(text)).all()
 
 
-def test_token_rewards_subtract_penalty_for_both_signs(tokenizer):
+def test_in_spans_marks_overlapping_tokens():
     spans = np.array([[0, 5], [5, 10], [10, 15], [15, 15]])
-    assert token_rewards(1.0, spans, [(6, 12)], 0.3).tolist() == pytest.approx([1.0, 0.7, 0.7, 1.0])
-    # a negative reward goes further down (the release's *0.7 would raise it to -0.35)
-    assert token_rewards(-0.5, spans, [(0, 5)], 0.3).tolist() == pytest.approx([-0.65, -0.5, -0.5, -0.5])
-    assert token_rewards(0.4, spans, [], 0.3).tolist() == pytest.approx([0.4] * 4)
+    assert in_spans(spans, [(6, 12)]).tolist() == [False, True, True, False]
+    assert in_spans(spans, []).tolist() == [False] * 4
 
 
-def test_group_advantages_hand_computed():
+def masks(*lengths_and_bad):
+    """[T] bool masks: (T, [penalised positions])."""
+    out = []
+    for T, bad in lengths_and_bad:
+        m = np.zeros(T, bool)
+        m[list(bad)] = True
+        out.append(m)
+    return out
+
+
+def test_plain_grpo_hand_computed_for_every_scaling():
     rewards = np.array([1.0, 0.0, 0.5, 0.5, 0.2, 0.2])  # two groups of 3
-    tok = [np.full(2, r, np.float32) for r in rewards]
-    tok[1] = np.array([0.0, -0.3], np.float32)  # a penalised token in rollout 1
-    adv, zero = group_advantages(tok, rewards, group_size=3, eps=0.0)
-    mean, std = 0.5, np.std([1.0, 0.0, 0.5])
-    assert adv[0] == pytest.approx([(1 - mean) / std] * 2)
-    assert adv[1] == pytest.approx([(0 - mean) / std, (-0.3 - mean) / std])
-    assert adv[2] == pytest.approx([0.0, 0.0], abs=1e-6)
-    # rewards [0.5, 0.2, 0.2] ... second group is [0.5, 0.2, 0.2]: not flat
-    assert zero == 0
-    adv, zero = group_advantages([np.ones(3, np.float32)] * 4, np.array([1.0, 1.0, 0.3, 0.3]), group_size=2)
-    assert zero == 2 and all((a == 0).all() for a in adv)
+    none_bad = masks(*[(2, [])] * 6)
+    mean1, std1 = 0.5, np.std([1.0, 0.0, 0.5])
+    std2 = np.std([0.5, 0.2, 0.2])  # group 2: mean 0.3
+    a = group_advantages(none_bad, rewards, 3, scale="group", eps=0.0)
+    assert a.sequence == pytest.approx([(1 - mean1) / std1, -mean1 / std1, 0.0, 0.2 / std2, -0.1 / std2, -0.1 / std2])
+    assert all((t == np.float32(s)).all() for t, s in zip(a.tokens, a.sequence))
+    assert a.flat_groups == 0 and a.penalised_tokens == 0
+    b = group_advantages(none_bad, rewards, 3, scale="batch", eps=0.0)
+    assert b.sequence == pytest.approx([0.5 / rewards.std(), -0.5 / rewards.std(), 0, 0.2 / rewards.std(),
+                                        -0.1 / rewards.std(), -0.1 / rewards.std()])
+    n = group_advantages(none_bad, rewards, 3, scale="none")
+    assert n.sequence == pytest.approx([0.5, -0.5, 0.0, 0.2, -0.1, -0.1])
+    flat = group_advantages(masks(*[(3, [])] * 4), np.array([1.0, 1.0, 0.3, 0.3]), 2)
+    assert flat.flat_groups == 2 and all((t == 0).all() for t in flat.tokens)
     with pytest.raises(ValueError):
-        group_advantages(tok, rewards, group_size=4)
+        group_advantages(none_bad, rewards, 4)
+    with pytest.raises(ValueError, match="scaling"):
+        sequence_advantages(rewards, 3, scale="rank")
+
+
+def test_bounded_raae_hand_computed():
+    rewards = np.array([1.0, 0.0, 0.5])
+    a = group_advantages(masks((2, []), (2, [1]), (2, [0])), rewards, 3, penalty=0.3, floor=1.0, eps=0.0)
+    A = a.sequence
+    assert a.tokens[1].tolist() == pytest.approx([A[1], A[1] - 0.3 * abs(A[1])])  # |A_1| = 1.22 > floor
+    assert a.tokens[2].tolist() == pytest.approx([A[2] - 0.3 * 1.0, A[2]])  # A_2 = 0: the floor applies
+    assert a.penalised_tokens == 2 and a.penalty.tolist() == pytest.approx([0.3 * abs(A[1]), 0.3])
+
+
+def test_the_issue_case_near_flat_group_no_longer_explodes():
+    """Rewards [0.120 x4, 0.121]: the old formula gave the wrong tokens -72 where the rest sat at +-2."""
+    rewards = np.array([0.120, 0.120, 0.120, 0.120, 0.121])
+    bad = masks((4, [1, 2]), (4, [1]), (4, []), (4, [3]), (4, []))
+    a = group_advantages(bad, rewards, 5, penalty=0.3)
+    lowest = min(t.min() for t in a.tokens)
+    assert lowest > -1.0  # A_i = -0.5, penalised: -0.5 - 0.3 * 1 = -0.8
+    assert a.tokens[0][1] == pytest.approx(a.sequence[0] - 0.3)
+    paper = group_advantages(bad, rewards, 5, penalty=0.3, mode="paper")
+    assert min(t.min() for t in paper.tokens) < -50  # the paper's formula, kept behind a flag, explodes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 8), st.sampled_from(["flat", "near", "mixed"]), st.sampled_from(["group", "batch", "none"]),
+       st.floats(0.0, 1.0), st.floats(0.1, 2.0), st.integers(0, 2**31 - 1))
+def test_penalty_bounded_whatever_the_group(G, kind, scale, w, c, seed):
+    """A penalised token's advantage differs from its rollout's by exactly w * max(|A_i|, c), never more;
+    with group scaling that is at most w * max(sqrt(G-1), c), however small the group's std."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(-0.6, 1.2, size=3)
+    groups = []
+    for b in base:
+        if kind == "flat":
+            groups.append(np.full(G, b))
+        elif kind == "near":
+            groups.append(b + rng.uniform(0, 1e-3, G))
+        else:
+            groups.append(rng.uniform(-0.6, 1.2, G))
+    rewards = np.concatenate(groups)
+    bad = [rng.random(7) < 0.4 for _ in rewards]
+    a = group_advantages(bad, rewards, G, penalty=w, floor=c, scale=scale)
+    for i, (tok, m) in enumerate(zip(a.tokens, bad)):
+        Ai = a.sequence[i]
+        assert np.allclose(tok[~m], Ai, atol=1e-5)
+        assert np.allclose(Ai - tok[m], w * max(abs(Ai), c), atol=1e-5)
+        if scale == "group":
+            assert (Ai - tok[m] <= w * max(np.sqrt(G - 1), c) + 1e-5).all()
+    if kind == "flat":  # the documented flat-group behaviour: 0, and -w*c on wrong tokens
+        assert a.flat_groups == 3 and (a.sequence == 0).all()
+        assert all(np.allclose(t[m], -w * c) and np.allclose(t[~m], 0) for t, m in zip(a.tokens, bad))

@@ -123,6 +123,21 @@ def test_ndcg_with_fewer_ground_truth_than_k(world):
     assert one(sc, q["one"], "\\boxed{Heat (1995); Cast Away (2000); Jaws (1975)}")["rec"] == pytest.approx(D2)
 
 
+def test_ndcg_ideal_counts_only_the_ground_truth_the_prompt_showed(world):
+    """Training NDCG and evaluation NDCG share one definition: relevant = GT ∩ candidates.
+    "war" has two ground-truth items; with only one of them among the candidates, naming it
+    first is a perfect answer (the old ideal over both gave D0 / (D0 + D1))."""
+    ds, q = world
+    sc = scorer_for(ds, k=2)
+    cands = ["a", "c", "e"]  # Saving Private Ryan is shown, Forrest Gump is not
+    r = one(sc, q["war"], "\\boxed{Saving Private Ryan (1998); Cast Away (2000)}", cands)
+    assert r["rec"] == pytest.approx(1.0) and r["hit"]
+    from rerec_mini.evaluate import ndcg_at_k, relevant_items
+    assert r["rec"] == pytest.approx(ndcg_at_k(["a", "c"], relevant_items(q["war"], cands), 2))
+    # open generation (no candidates): both ground-truth items count
+    assert one(sc, q["war"], "\\boxed{Saving Private Ryan (1998); Cast Away (2000)}")["rec"] == pytest.approx(D0 / (D0 + D1))
+
+
 def test_repeats_dropped_and_hallucinations_counted(world):
     ds, q = world
     sc = scorer_for(ds, k=2)
@@ -202,13 +217,14 @@ def slow_score(ds, E, cfg, queries, responses, candidates):
             elif hit not in ids:
                 ids.append(hit)
         top, gt = ids[:k], set(q.ground_truth)
-        row = {"n_entries": len(entries or []), "n_hallucinated": unmatched, "parsed": ids, "hit": bool(top) and top[0] in gt}
+        rel = (gt & set(cands) if cands is not None else gt) or gt  # the ground truth the prompt showed
+        row = {"n_entries": len(entries or []), "n_hallucinated": unmatched, "parsed": ids, "hit": bool(top) and top[0] in rel}
         if not top:
             row.update(format=-0.5, rec=-0.5, qas=0.0, pas=0.0)
         else:
             astar = set(q.conditions) if q.conditions else set.intersection(*(pairs[g] for g in q.ground_truth))
-            dcg = sum(disc[r] for r, i in enumerate(top) if i in gt)
-            idcg = sum(disc[:min(len(gt), k)])
+            dcg = sum(disc[r] for r, i in enumerate(top) if i in rel)
+            idcg = sum(disc[:min(len(rel), k)])
             qs = [len(pairs[i] & astar) / len(astar) if astar else 0.0 for i in top]
             ps = [1.0 if i in gt else min(1.0, max(0.0, max(float(E[ds.item_index[i]] @ E[ds.item_index[g]]) for g in gt)))
                   for i in top]
