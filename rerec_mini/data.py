@@ -5,18 +5,12 @@ A dataset is a directory (spec: data/README.md):
 `load_dataset(path)` reads it into small dataclasses and checks every rule the later
 stages rely on (ground truth exists and satisfies the conditions, hops and false facts
 agree with the catalogue, ...). Any violation raises `DataError("file:line: field: why")`.
-
-Also the command line for building datasets:
-    python -m rerec_mini.data synth     --out DIR [--seed S --items N --users M ...]
-    python -m rerec_mini.data movielens --ml1m DIR --metadata FILE --out DIR
-    python -m rerec_mini.data recbench  --recbench DIR --ml1m DIR --out DIR
-    python -m rerec_mini.data check     DIR
+Builders (synth.py, sources.py) and their command line (datasets.py) come later in the data flow.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,6 +155,7 @@ class Dataset:
         self.item_ids: list[str] = list(self.items)
         self.item_index: dict[str, int] = {iid: i for i, iid in enumerate(self.item_ids)}
         self._matrix: sp.csr_matrix | None = None
+        self._popularity: np.ndarray | None = None
         self._histories: dict[str, list[str]] | None = None
 
     @property
@@ -172,8 +167,10 @@ class Dataset:
 
     @property
     def popularity(self) -> np.ndarray:
-        """[I] number of users who interacted with each item."""
-        return np.asarray(self.matrix.sum(axis=0)).ravel()
+        """[I] number of users who interacted with each item (computed once: baselines read it per query)."""
+        if self._popularity is None:
+            self._popularity = np.asarray(self.matrix.sum(axis=0)).ravel()
+        return self._popularity
 
     def history(self, user_id: str) -> list[str]:
         """A user's items in time order (file order where there are no timestamps)."""
@@ -496,34 +493,3 @@ def write_dataset(
     for split in SPLITS:
         _jsonl(root / "queries" / f"{split}.jsonl", (q.to_json() for q in queries.get(split, [])))
     return root
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from . import sources, synth  # builders are later additions to the data stage; imported lazily
-
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.data", description="Build or check rerec-mini datasets.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    synth.add_arguments(sub.add_parser("synth", help="generate the synthetic movie world"))
-    sources.add_movielens_arguments(sub.add_parser("movielens", help="build from MovieLens-1M + movie metadata"))
-    sources.add_recbench_arguments(sub.add_parser("recbench", help="convert published RecBench+ query files"))
-    c = sub.add_parser("check", help="validate a dataset directory and print its counts")
-    c.add_argument("path")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "check":
-            print(load_dataset(args.path).summary())
-        else:
-            args.run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,9 @@
 Every method answers the same deterministic candidate sets the trainer uses and is scored
 by the same scorer, so the numbers are comparable: hit@1 (ReRec's accuracy), ndcg@5,
 ndcg@10, recall@10, format_ok, hallucination, qas, pas, response length, count.
-Baselines rank the candidates without a model: random, popularity, attribute.
+Baselines rank the candidates without a model: random, popularity, attribute. Every result
+also carries `reference`: what the popularity shortcut and chance score on the *same*
+candidate sets, so a model's number is never read without the number it must beat.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import QUERY_TYPES, Dataset, Query
-from .prompts import CandidateSampler, build_messages
+from .prompts import DEFAULT_NEGATIVES, CandidateSampler, build_messages
 from .rewards import Scorer
 from .sampling import generate
 
@@ -86,20 +88,25 @@ def stratified_head(queries: Sequence[Query], n: int) -> list[Query]:
 
 
 def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_candidates: int,
-                    hard_negatives: int, seed: int) -> list[list[str] | None]:
+                    hard_negatives: int, seed: int, negatives: str = DEFAULT_NEGATIVES) -> list[list[str] | None]:
+    """Each query's candidate set (CandidateSampler.sample), [N] lists of ids or None (open generation)."""
     sampler = sampler or CandidateSampler(ds)
-    return [sampler.sample(q, num_candidates, hard_negatives, seed) for q in queries]
+    return [sampler.sample(q, num_candidates, hard_negatives, seed, negatives) for q in queries]
 
 
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, scorer: Scorer,
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
-                    hard_negatives: int = 0, seed: int = 0, history_len: int = 0,
+                    hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, max_new_tokens: int = 512,
                     eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
-                    progress: bool = True) -> dict:
-    """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler."""
-    candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed)
+                    progress: bool = True, pool=None) -> dict:
+    """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
+
+    {"overall", "by_type"} as `summarise`, plus "reference" (see `shortcut_reference`) and
+    "samples": every query with its candidates, ground truth, response, parsed answer, hit flag
+    and reward terms (`sample_records`). pool: the sampler's DecoderPool (CUDA graphs reused)."""
+    candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = []
     for q, c in zip(queries, candidates):
         messages = build_messages(q, ds, c, history_len=history_len, show_attributes=show_attributes,
@@ -114,7 +121,7 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         ro = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=temperature,
-                      eos_token_id=eos_token_id, seed=seed)
+                      eos_token_id=eos_token_id, seed=seed, pool=pool)
         outputs.update(zip(chunk, ro.completions))
         bar.update(len(chunk))
     bar.close()
@@ -123,8 +130,21 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
         lens.append(len(outputs[i]))
     scored = scorer.score(list(queries), texts, candidates)
     result = summarise(queries, candidates, scored, lens)
-    result["samples"] = [{"query_id": q.query_id, "response": t} for q, t in list(zip(queries, texts))[:5]]
+    result["reference"] = shortcut_reference(ds, queries, candidates, scorer, seed)
+    result["samples"] = sample_records(ds, queries, candidates, texts, scored)
     return result
+
+
+def sample_records(ds: Dataset, queries: Sequence[Query], candidates, texts: Sequence[str], scored) -> list[dict]:
+    """One JSON-able record per query: what the model saw, what it said, how it was scored."""
+    title = lambda ids: [ds.items[i].title for i in ids]  # noqa: E731
+    return [{
+        "query_id": q.query_id, "type": q.type, "query": q.text,
+        "candidates": None if c is None else title(c), "ground_truth": title(q.ground_truth),
+        "response": t, "parsed": title(scored.parsed[n]),
+        "hit": bool(scored.parsed[n]) and scored.parsed[n][0] in q.ground_truth,
+        "reward": {k: float(getattr(scored, k)[n]) for k in ("total", "format", "rec", "qas", "pas")},
+    } for n, (q, c, t) in enumerate(zip(queries, candidates, texts))]
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -154,30 +174,71 @@ def rank_attribute(q: Query, candidates: list[str], ds: Dataset, seed: int) -> l
 BASELINES = {"random": rank_random, "popularity": rank_popularity, "attribute": rank_attribute}
 
 
+def score_baseline(name: str, ds: Dataset, queries: Sequence[Query], candidates: Sequence[list[str]],
+                   scorer: Scorer, seed: int = 0) -> dict:
+    """A baseline's ranking of given candidate sets, written as a boxed list and scored like a model's answer."""
+    rank = BASELINES[name]
+    texts = ["\\boxed{" + "; ".join(ds.items[i].title for i in rank(q, c, ds, seed)[:10]) + "}"
+             for q, c in zip(queries, candidates)]
+    scored = scorer.score(list(queries), texts, list(candidates))
+    return summarise(queries, candidates, scored, [0] * len(queries))
+
+
+def shortcut_reference(ds: Dataset, queries: Sequence[Query], candidates: Sequence[list[str] | None],
+                       scorer: Scorer, seed: int = 0) -> dict | None:
+    """What needs no reasoning on these very candidate sets (None in open generation):
+
+      {"popularity": the popularity baseline's summary ({"overall", "by_type"} as `summarise`),
+       "random": {"overall": {"hit@1", "count"}, "by_type": {...}}}
+
+    Random's hit@1 is its exact expectation, mean |reachable ground truth| / |candidates|, not a
+    draw. No model runs: one scorer pass over N short boxed lists, cheap beside generation."""
+    if not queries or any(c is None for c in candidates):
+        return None
+    chance = [len(relevant_items(q, c)) / len(c) for q, c in zip(queries, candidates)]
+
+    def mean(rows):
+        return {"hit@1": float(np.mean(rows)), "count": len(rows)}
+
+    by_type = {t: [p for p, q in zip(chance, queries) if q.type == t] for t in QUERY_TYPES}
+    return {"popularity": score_baseline("popularity", ds, queries, candidates, scorer, seed),
+            "random": {"overall": mean(chance), "by_type": {t: mean(v) for t, v in by_type.items() if v}}}
+
+
 def evaluate_baseline(name: str, ds: Dataset, queries: Sequence[Query], *, scorer: Scorer,
                       candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
-                      hard_negatives: int = 0, seed: int = 0) -> dict:
-    """A baseline's ranking of the candidates, written as a boxed list and scored like a model's answer."""
+                      hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES) -> dict:
+    """A baseline on the deterministic candidate sets: {"overall", "by_type", "reference"} (as a model's)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
     if num_candidates == 0:
         raise ValueError("baselines rank a candidate set; they need --num-candidates > 0")
-    candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed)
-    rank = BASELINES[name]
-    texts = ["\\boxed{" + "; ".join(ds.items[i].title for i in rank(q, c, ds, seed)[:10]) + "}"
-             for q, c in zip(queries, candidates)]
-    scored = scorer.score(list(queries), texts, candidates)
-    return summarise(queries, candidates, scored, [0] * len(queries))
+    candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
+    result = score_baseline(name, ds, queries, candidates, scorer, seed)
+    result["reference"] = shortcut_reference(ds, queries, candidates, scorer, seed)
+    return result
 
 
 def markdown_table(results: dict[str, dict], metrics: Sequence[str] = ("hit@1", "ndcg@5", "ndcg@10", "format_ok",
                                                                          "hallucination", "qas", "pas")) -> str:
-    """One row per (method, query type): `results` maps a method name to an evaluation result."""
-    head = "| method | type | n | " + " | ".join(metrics) + " |"
-    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    """One row per (method, query type): `results` maps a method name to an evaluation result.
+
+    Beside hit@1 (or after the metrics, when hit@1 is not listed) a `pop. hit@1` column holds the
+    popularity baseline on the same candidate sets and queries (the result's "reference"; "–"
+    when it has none, e.g. open generation): the shortcut a model's hit@1 has to be read against.
+    """
+    cols = list(metrics)
+    at = cols.index("hit@1") + 1 if "hit@1" in cols else len(cols)
+    head = "| method | type | n | " + " | ".join(cols[:at] + ["pop. hit@1"] + cols[at:]) + " |"
+    lines = [head, "|" + "---|" * (4 + len(cols))]
     for name, res in results.items():
+        pop = (res.get("reference") or {}).get("popularity")
+        refs = {"all": pop["overall"], **pop["by_type"]} if pop else {}
         for typ, row in [("all", res["overall"]), *res["by_type"].items()]:
-            lines.append(f"| {name} | {typ} | {row['count']} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+            ref = refs.get(typ)
+            cells = [f"{row[m]:.3f}" for m in cols]
+            cells.insert(at, f"{ref['hit@1']:.3f}" if ref else "–")
+            lines.append(f"| {name} | {typ} | {row['count']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

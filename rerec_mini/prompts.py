@@ -7,9 +7,11 @@ into a ranked list of titles, then (with titles.TitleIndex) into catalogue item 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +24,17 @@ SYSTEM = "You are a recommendation assistant."
 # ----------------------------------------------------------------------------- candidates
 
 
+# How the negatives of a candidate set are drawn (see CandidateSampler). Ground-truth items come
+# from real histories and are popular; uniform negatives are mostly obscure, so on MovieLens
+# "name the most-rated candidate" scores hit@1 0.39 against 0.05 for chance. Popularity-matched
+# negatives bring that shortcut down to chance (measured in BENCHMARKS.md), hence the default.
+NEGATIVE_MODES = ("uniform", "popularity", "hard")
+DEFAULT_NEGATIVES = "popularity"
+
+
 class CandidateSampler:
-    """Draws candidate sets for a dataset; the (relation, value) -> items index is built once.
+    """Draws candidate sets for a dataset; the (relation, value) -> items index and the
+    popularity strata are built once.
 
     A candidate set is the primary ground-truth item `query.ground_truth[0]` plus negatives,
     shuffled. A negative must not also be a correct answer to the request, so the negative
@@ -40,6 +51,21 @@ class CandidateSampler:
     Hard negatives share some but not all of the conditions; for a misinformed query an item
     that carries the false claimed value ("directed by <wrong person>") is hard as well: it
     is what a model that believes the claim would pick.
+
+    Negative modes (`negatives=`), all within that pool:
+      - "uniform": uniformly from the pool (the sampler as it always was, draw for draw).
+      - "popularity": from the ground-truth item's popularity stratum. The catalogue is sorted
+        by interaction count and cut into nested quantile bins (halves, quarters, eighths, ...
+        down to bins of one or two items); the negatives come uniformly from the narrowest bin
+        around the ground-truth item that still holds enough allowed items, i.e. a bin that
+        runs dry widens to the neighbouring bin it merges with. Nested bins, not a window
+        centred on the answer: in a centred window the answer would always sit at the median
+        popularity of its set, a shortcut of its own.
+      - "hard": "uniform" with hard negatives on by default: `hard_negatives=0` means half of
+        the negatives, rounded up (as many as the hard pool holds).
+    `hard_negatives=H` works in every mode: H of the negatives (fewer when the hard pool runs
+    short) come from the hard pool, the rest from the whole pool; in "popularity" mode both
+    draws are popularity-matched.
     """
 
     def __init__(self, dataset: Dataset):
@@ -53,6 +79,16 @@ class CandidateSampler:
         # (relation, value) -> sorted item rows; per-query work is then a few array ops.
         self.postings = {key: np.asarray(rows, np.int64) for key, rows in postings.items()}
         self._empty = np.zeros(0, np.int64)
+        # Popularity strata. by_popularity [I]: item rows, least interacted first (ties: catalogue
+        # order, so the strata are deterministic); rank [I]: each row's position in it. Level l
+        # cuts those positions into 2^l bins, edges [2^l + 1]; each bin is the union of two bins
+        # of level l + 1, so widening a bin means merging it with its neighbour.
+        n = len(self.item_ids)
+        self.by_popularity = np.argsort(dataset.popularity, kind="stable")
+        self.popularity_rank = np.empty(n, np.int64)
+        self.popularity_rank[self.by_popularity] = np.arange(n)
+        levels = int(np.log2(n)) if n > 1 else 0  # finest level: bins of 1-2 items
+        self.strata_edges = [(np.arange(2 ** lv + 1) * n) // 2 ** lv for lv in range(levels + 1)]
 
     def pools(self, query: Query) -> tuple[np.ndarray, np.ndarray]:
         """(allowed [I] bool: may be a negative, hard [I] bool: allowed and a hard negative)."""
@@ -75,36 +111,58 @@ class CandidateSampler:
             hard[self.postings.get((m.relation, m.wrong_value), self._empty)] = True
         return allowed, hard & allowed
 
+    def stratum(self, pool: np.ndarray, row: int, k: int) -> np.ndarray:
+        """The rows of `pool` ([I] bool) in the narrowest popularity bin around item `row` that
+        holds at least k of them; all of `pool` when no bin does. Sorted by popularity."""
+        ranked = pool[self.by_popularity]  # [I] bool, least popular first
+        cum = np.concatenate(([0], np.cumsum(ranked)))  # [I + 1] pool items before each position
+        r = self.popularity_rank[row]
+        for edges in reversed(self.strata_edges):  # narrowest bins first; level 0 is everything
+            j = np.searchsorted(edges, r, side="right") - 1
+            lo, hi = edges[j], edges[j + 1]
+            if cum[hi] - cum[lo] >= k:
+                break
+        return self.by_popularity[lo:hi][ranked[lo:hi]]
+
     def sample(self, query: Query, num_candidates: int = 20, hard_negatives: int = 0,
-               seed: int = 0) -> list[str] | None:
+               seed: int = 0, negatives: str = DEFAULT_NEGATIVES) -> list[str] | None:
         """Candidate item ids, shuffled; None when num_candidates == 0 (open generation).
 
-        Deterministic per (seed, query_id): the RNG is seeded with that string (str seeds are
-        hashed with SHA-512 by `random`, so PYTHONHASHSEED plays no part). Fewer than
-        `num_candidates` come back only when the catalogue has too few allowed items.
+        `negatives` is one of NEGATIVE_MODES (see the class docstring). Deterministic per
+        (seed, query_id) in every mode: the RNG is seeded with that string (str seeds are hashed
+        with SHA-512 by `random`, so PYTHONHASHSEED plays no part). Fewer than `num_candidates`
+        come back only when the catalogue has too few allowed items.
         """
+        if negatives not in NEGATIVE_MODES:
+            raise ValueError(f"unknown negatives mode {negatives!r} (choose from {', '.join(NEGATIVE_MODES)})")
         if num_candidates == 0:
             return None
         rng = random.Random(f"{seed}:{query.query_id}")
         allowed, hard = self.pools(query)
         n_neg = num_candidates - 1
-        hard_rows = np.flatnonzero(hard)
-        n_hard = min(hard_negatives, n_neg, len(hard_rows))
-        # rng.sample over a range is O(k), not O(catalogue): only the picks are materialised.
-        negatives = [int(hard_rows[j]) for j in rng.sample(range(len(hard_rows)), n_hard)]
-        allowed[negatives] = False
-        rest = np.flatnonzero(allowed)
-        negatives += [int(rest[j]) for j in rng.sample(range(len(rest)), min(n_neg - n_hard, len(rest)))]
-        out = [query.ground_truth[0]] + [self.item_ids[r] for r in negatives]
+        if negatives == "hard" and hard_negatives == 0:
+            hard_negatives = (n_neg + 1) // 2
+        answer = self.item_index[query.ground_truth[0]]
+
+        def draw(pool: np.ndarray, k: int) -> list[int]:
+            """k rows of `pool` (fewer if it runs short), without replacement."""
+            rows = self.stratum(pool, answer, k) if negatives == "popularity" and k > 0 else np.flatnonzero(pool)
+            # rng.sample over a range is O(k), not O(catalogue): only the picks are materialised.
+            return [int(rows[j]) for j in rng.sample(range(len(rows)), min(k, len(rows)))]
+
+        picks = draw(hard, min(hard_negatives, n_neg))
+        allowed[picks] = False
+        picks += draw(allowed, n_neg - len(picks))
+        out = [query.ground_truth[0]] + [self.item_ids[r] for r in picks]
         rng.shuffle(out)
         return out
 
 
 def build_candidates(query: Query, dataset: Dataset, *, num_candidates: int = 20, hard_negatives: int = 0,
-                     seed: int = 0) -> list[str] | None:
+                     seed: int = 0, negatives: str = DEFAULT_NEGATIVES) -> list[str] | None:
     """One query's candidate ids (see CandidateSampler). Builds the index each call: in a loop
     over many queries, make one `CandidateSampler(dataset)` and call `.sample`."""
-    return CandidateSampler(dataset).sample(query, num_candidates, hard_negatives, seed)
+    return CandidateSampler(dataset).sample(query, num_candidates, hard_negatives, seed, negatives)
 
 
 # ----------------------------------------------------------------------------- prompt
@@ -261,3 +319,41 @@ def match_answer(entries: Sequence[str], index: TitleIndex,
         elif hit not in ids:
             ids.append(hit)
     return ids, unmatched
+
+
+# ----------------------------------------------------------------------------- ends of a turn
+
+
+def turn_end_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with: <|im_end|> for ChatML (Qwen,
+    SmolLM2), <|eot_id|> for Llama-3.x — not necessarily `eos_token` (Llama-3's is
+    <|end_of_text|>). Found by rendering a short conversation and reading what follows the
+    assistant's text; the tokenizer's EOS when the template shows nothing there."""
+    probe = "rerec probe answer"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+        after = text[text.rindex(probe) + len(probe):]
+        ids = tokenizer.encode(after, add_special_tokens=False)
+    except Exception:  # a template that rejects this conversation: fall back to EOS
+        ids = []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for i in ids:
+        if i in special:
+            return int(i)
+    return int(tokenizer.eos_token_id)
+
+
+def eos_ids(tokenizer, model_config: dict, model_dir=None) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS, the end-of-turn token, and the EOS id(s)
+    of config.json and generation_config.json (Qwen2.5 lists 151645 and 151643 there)."""
+    ids = {tokenizer.eos_token_id, turn_end_id(tokenizer)}
+    sources = [model_config]
+    if model_dir is not None:
+        gen = Path(model_dir) / "generation_config.json"
+        if gen.exists():
+            sources.append(json.loads(gen.read_text()))
+    for src in sources:
+        e = src.get("eos_token_id")
+        ids.update(e if isinstance(e, list) else [e])
+    return sorted(int(i) for i in ids if i is not None)

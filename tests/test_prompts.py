@@ -6,13 +6,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rerec_mini.data import Item, load_dataset
-from rerec_mini.prompts import (CandidateSampler, build_candidates, build_messages, candidate_line, match_answer,
-                                parse_answer, render_prompt, render_sft_target, shown_relations)
+from rerec_mini.prompts import (DEFAULT_NEGATIVES, NEGATIVE_MODES, CandidateSampler, build_candidates, build_messages,
+                                candidate_line, match_answer, parse_answer, render_prompt, render_sft_target,
+                                shown_relations)
 from rerec_mini.titles import TitleIndex
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "synth-movies"
@@ -69,12 +71,13 @@ def test_candidates_deterministic_and_shuffled(ds, sampler):
 
 def test_candidates_independent_of_hash_seed(ds, sampler):
     q = ds.queries["test"][7]
-    code = ("from rerec_mini.data import load_dataset; from rerec_mini.prompts import build_candidates;"
+    code = ("from rerec_mini.data import load_dataset; from rerec_mini.prompts import NEGATIVE_MODES, build_candidates;"
             f"ds = load_dataset({str(BUNDLED)!r}); q = ds.queries['test'][7];"
-            "print(','.join(build_candidates(q, ds, hard_negatives=5, seed=4)))")
+            "[print(','.join(build_candidates(q, ds, hard_negatives=5, seed=4, negatives=m))) for m in NEGATIVE_MODES]")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
-    assert out.split(",") == sampler.sample(q, hard_negatives=5, seed=4)
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.split()
+    assert [line.split(",") for line in out] == [sampler.sample(q, hard_negatives=5, seed=4, negatives=m)
+                                                 for m in NEGATIVE_MODES]
 
 
 def test_open_generation_and_small_sets(ds, sampler):
@@ -124,6 +127,131 @@ def test_too_few_hard_negatives_fall_back_to_random(ds, sampler):
     _, hard = sampler.pools(q)
     assert hard.sum() == 0  # one condition: nothing shares "some but not all"
     assert len(sampler.sample(q, hard_negatives=10)) == 20
+
+
+# ----------------------------------------------------------------------------- negative modes
+
+
+def _negatives(q, c):
+    return [i for i in c if i != q.ground_truth[0]]
+
+
+def _assert_no_correct_negative(ds, q, c):
+    """Every exclusion rule of CandidateSampler: no ground truth, no item with all requested
+    conditions, no hop / false-claim anchor among the negatives; the answer once; no repeats."""
+    neg = _negatives(q, c)
+    assert c.count(q.ground_truth[0]) == 1 and len(set(c)) == len(c)
+    assert not set(neg) & set(q.ground_truth)
+    if q.conditions and q.type != "demographic":
+        assert not any(_has_all(ds.items[i], q.conditions) for i in neg)
+    for anchor in (q.hop, q.misinformation):
+        if anchor is not None:
+            assert anchor.item_id not in neg
+
+
+def test_negative_modes_constants():
+    assert NEGATIVE_MODES == ("uniform", "popularity", "hard") and DEFAULT_NEGATIVES in NEGATIVE_MODES
+
+
+@pytest.mark.parametrize("mode", NEGATIVE_MODES)
+def test_no_negative_is_a_correct_answer_in_any_mode(ds, sampler, mode):
+    for q in ds.all_queries():  # all 1000 queries of the synthetic world, with and without hard negatives
+        for h in (0, 5):
+            c = sampler.sample(q, 20, h, seed=2, negatives=mode)
+            assert len(c) == 20
+            _assert_no_correct_negative(ds, q, c)
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.integers(0, 999), m=st.integers(1, 700), h=st.integers(0, 30), seed=st.integers(0, 10**6),
+       mode=st.sampled_from(NEGATIVE_MODES))
+def test_candidate_sets_property(ds, sampler, k, m, h, seed, mode):
+    """Any query, size (up to more than the catalogue), hard count, seed and mode: the exclusion
+    rules hold; the set is as large as asked or holds every allowed item; the same inputs
+    give the same set."""
+    q = ds.all_queries()[k]
+    c = sampler.sample(q, m, h, seed, mode)
+    _assert_no_correct_negative(ds, q, c)
+    allowed, _ = sampler.pools(q)
+    assert len(c) == min(m, int(allowed.sum()) + 1)
+    assert c == sampler.sample(q, m, h, seed, mode)
+
+
+@pytest.mark.parametrize("mode", NEGATIVE_MODES)
+def test_modes_deterministic_per_seed_and_query(ds, sampler, mode):
+    qs = ds.queries["test"][::4]
+    a = [sampler.sample(q, seed=0, negatives=mode) for q in qs]
+    assert a == [sampler.sample(q, seed=0, negatives=mode) for q in reversed(qs)][::-1]  # call order plays no part
+    assert a == [CandidateSampler(ds).sample(q, seed=0, negatives=mode) for q in qs]  # nor the sampler object
+    assert a[:3] == [build_candidates(q, ds, seed=0, negatives=mode) for q in qs[:3]]
+    assert a != [sampler.sample(q, seed=1, negatives=mode) for q in qs]
+    assert len({c.index(q.ground_truth[0]) for c, q in zip(a, qs)}) > 5  # shuffled
+
+
+def test_unknown_negatives_mode_names_the_choices(ds, sampler):
+    q = ds.queries["test"][0]
+    with pytest.raises(ValueError, match="'popular'.*uniform, popularity, hard"):
+        sampler.sample(q, negatives="popular")
+    with pytest.raises(ValueError, match="choose from"):  # checked even in open generation
+        build_candidates(q, ds, num_candidates=0, negatives="Uniform")
+
+
+def test_uniform_mode_is_the_old_sampler_draw_for_draw(ds, sampler):
+    """Candidate sets of runs made before the modes existed (issue 15) are reproducible."""
+    q = ds.queries["test"][0]
+    assert sampler.sample(q, 20, 0, 0, "uniform") == [
+        "m0113", "m0128", "m0084", "m0493", "m0484", "m0075", "m0487", "m0450", "m0367", "m0373",
+        "m0570", "m0514", "m0501", "m0545", "m0551", "m0549", "m0163", "m0350", "m0370", "m0371"]
+    assert sampler.sample(q, 20, 5, 0, "uniform")[:5] == ["m0096", "m0129", "m0084", "m0498", "m0488"]
+
+
+def test_popularity_negatives_come_from_the_answers_stratum(ds, sampler):
+    """The median popularity-rank gap between the answer and its negatives, as a share of the
+    catalogue: about a third for uniform negatives, a few percent when matched."""
+    rank, n = sampler.popularity_rank, len(ds.item_ids)
+
+    def gap(mode):
+        return np.median([np.median([abs(rank[ds.item_index[i]] - rank[ds.item_index[q.ground_truth[0]]]) / n
+                                     for i in _negatives(q, sampler.sample(q, 20, 0, 0, mode))])
+                          for q in ds.queries["test"]])
+
+    assert gap("popularity") < 0.05 < 0.2 < gap("uniform")
+    # the strata are quantile bins of the whole catalogue: ranks sort the interaction counts
+    assert np.all(np.diff(ds.popularity[sampler.by_popularity]) >= 0)
+
+
+def test_stratum_narrowest_bin_with_enough_items(ds, sampler):
+    n = len(ds.item_ids)
+    everything = np.ones(n, bool)
+    top = int(sampler.by_popularity[-1])  # the most interacted item
+    finest = sampler.stratum(everything, top, 1)
+    assert top in finest and len(finest) <= 2  # the finest bins hold one or two items
+    pool = np.random.default_rng(0).random(n) < 0.3
+    sizes = []
+    for k in (1, 5, 19, 60, 10**6):
+        rows = sampler.stratum(pool, top, k)
+        assert pool[rows].all() and np.all(np.diff(sampler.popularity_rank[rows]) > 0)  # sorted by popularity
+        assert len(rows) >= k or len(rows) == pool.sum()  # enough, or all there is
+        # a contiguous run of the popularity order that ends at the top (where `top` sits)
+        lo = sampler.popularity_rank[rows].min()
+        assert set(rows) == set(sampler.by_popularity[lo:][pool[sampler.by_popularity[lo:]]])
+        sizes.append(len(rows))
+    assert sizes == sorted(sizes) and sizes[-1] == pool.sum()  # a bin that runs dry widens
+
+
+def test_hard_mode_defaults_to_half_hard_negatives(ds, sampler):
+    qs = [q for q in by_type(ds, "explicit") if sampler.pools(q)[1].sum() >= 10][:20]
+    assert qs
+    for q in qs:
+        _, hard = sampler.pools(q)
+        c = sampler.sample(q, 20, 0, seed=1, negatives="hard")
+        assert sum(hard[ds.item_index[i]] for i in _negatives(q, c)) >= 10  # (19 + 1) // 2, more by chance
+        # "hard" is "uniform" with hard negatives on by default; an explicit count is kept
+        assert c == sampler.sample(q, 20, 10, seed=1, negatives="uniform")
+        assert sampler.sample(q, 20, 3, 1, "hard") == sampler.sample(q, 20, 3, 1, "uniform")
+        # hard negatives work in popularity mode too
+        p = sampler.sample(q, 20, 6, seed=1, negatives="popularity")
+        assert sum(hard[ds.item_index[i]] for i in _negatives(q, p)) >= 6
 
 
 # ----------------------------------------------------------------------------- prompt
