@@ -1,9 +1,12 @@
-"""Evaluate a checkpoint: `python eval.py --model runs/X/final [--baselines random,popularity,attribute]`.
+"""Evaluate a model: `python eval.py --model runs/X/final [--baselines random,popularity,attribute]`.
 
-Greedy answers on the held-out split, on the same deterministic candidate sets the trainer
-used (prompt settings are read from the checkpoint's trainer_state/state.json when present), with
-hit@1 / NDCG / recall / format / hallucination / QAS / PAS per query type.
-`--retention --model TRAINED --base BASE`: KL and perplexity change on neutral texts.
+Greedy answers on the held-out split, on the same deterministic candidate sets the trainer used:
+hit@1 / NDCG / recall / format / hallucination / QAS / PAS per query type, each model row beside
+the popularity baseline on the same candidate sets (a model must beat "name the famous one").
+Prompt settings come from the flag, else the checkpoint's training config, else the defaults;
+`python eval.py --model CKPT --help` shows the values that checkpoint will use.
+`--retention --model TRAINED [--base BASE]`: KL and perplexity change on neutral texts.
+Exit codes: 0 done; 2 a usage error (nothing evaluated).
 """
 
 import argparse
@@ -13,65 +16,112 @@ from pathlib import Path
 
 import torch
 
-from rerec_mini.data import load_dataset
+from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
+from rerec_mini.data import DataError, load_dataset
 from rerec_mini.evaluate import (BASELINES, evaluate_baseline, evaluate_policy, markdown_table, read_texts, retention,
                                  stratified_head)
-from rerec_mini.model import load_model, load_tokenizer
-from rerec_mini.prompts import CandidateSampler
+from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
+from rerec_mini.prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES, CandidateSampler, eos_ids
 from rerec_mini.rewards import RewardConfig, Scorer
-from rerec_mini.trainer import BUNDLED_DATA, REPO_ROOT, eos_ids, pick_device
+from rerec_mini.run import pick_device
 
-# Prompt settings: flag > the checkpoint's training config > these defaults.
-DEFAULTS = dict(data=str(BUNDLED_DATA), num_candidates=20, hard_negatives=0, show_attributes="", history_len=0,
-                answer_size=1, max_completion_length=512, seed=0)
+# Prompt settings without a checkpoint config (a base model): flag > the checkpoint's > these.
+DEFAULTS = dict(data=str(BUNDLED_DATA), num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES,
+                show_attributes="", history_len=0, answer_size=1, max_completion_length=512, seed=0)
 
 
-def parser() -> argparse.ArgumentParser:
+def training_config(model: str | None) -> dict:
+    """The training config stored in a checkpoint (empty for a base model or an unknown path)."""
+    if not model:
+        return {}
+    state = Path(model) / "trainer_state" / "state.json"
+    return json.loads(state.read_text())["config"] if state.exists() else {}
+
+
+def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
+    """The flags; defaults shown are what this checkpoint will use (train_cfg: its training config)."""
+    known = {k: (train_cfg or {}).get(k, v) for k, v in DEFAULTS.items()}
+    src = "the checkpoint's" if train_cfg else "with a checkpoint: its training value"
+
+    def d(key):
+        v = known[key]
+        return f" [{src}: {v!r}]" if train_cfg else f" [{src}, else {v!r}]"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory, hub id, alias or 'tiny'")
-    p.add_argument("--data", help="dataset directory [the checkpoint's, else data/synth-movies]")
+    p.add_argument("--model", required=True, help="checkpoint directory, .gguf file, hub id, alias or 'tiny'")
+    p.add_argument("--data", help="dataset directory" + d("data"))
     p.add_argument("--split", default="test", help="query split to evaluate [test]")
-    p.add_argument("--limit", type=int, default=0, help="evaluate N queries, the types in turn (0: all)")
-    p.add_argument("--baselines", default="", help=f"comma list of {','.join(BASELINES)}")
+    p.add_argument("--limit", type=int, default=0, help="evaluate N queries, the types in turn [0: all]")
+    p.add_argument("--baselines", default="", help=f"comma list of {','.join(BASELINES)} [none]")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the untrained base model")
     p.add_argument("--base", help="the base model [the checkpoint's starting model]")
-    p.add_argument("--num-candidates", type=int, help="candidates per prompt; 0 = open generation [20]")
-    p.add_argument("--hard-negatives", type=int, help="hard negatives per candidate set [0]")
-    p.add_argument("--show-attributes", help="candidate attributes shown, e.g. genre,director ['']")
-    p.add_argument("--history-len", type=int, help="recent history titles in the prompt [0]")
-    p.add_argument("--answer-size", type=int, help="titles in the answer box [1]")
-    p.add_argument("--max-new-tokens", type=int, dest="max_completion_length", help="tokens per answer [512]")
-    p.add_argument("--seed", type=int, help="candidate-set seed [the training seed]")
+    p.add_argument("--num-candidates", type=int, help="candidates per prompt; 0 = open generation" + d("num_candidates"))
+    p.add_argument("--negatives", choices=NEGATIVE_MODES, help="how negatives are drawn" + d("negatives"))
+    p.add_argument("--hard-negatives", type=int, help="hard negatives per candidate set" + d("hard_negatives"))
+    p.add_argument("--show-attributes", help="candidate attributes shown, e.g. genre,director" + d("show_attributes"))
+    p.add_argument("--history-len", type=int, help="recent history titles in the prompt" + d("history_len"))
+    p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
+    p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
+                   help="most tokens per answer" + d("max_completion_length"))
+    p.add_argument("--seed", type=int, help="candidate-set seed" + d("seed"))
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together [64]")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto [auto]")
+    p.add_argument("--output", help="write every sample and the tables as JSON here")
     p.add_argument("--retention", action="store_true", help="KL / perplexity change vs --base on neutral texts")
     p.add_argument("--texts", default=str(REPO_ROOT / "data" / "retention.txt"), help="texts for --retention")
     return p
 
 
-def training_config(model: str) -> dict:
-    state = Path(model) / "trainer_state" / "state.json"
-    return json.loads(state.read_text())["config"] if state.exists() else {}
-
-
-def base_of(model: str, train_cfg: dict) -> str:
+def base_of(train_cfg: dict) -> str:
     if not train_cfg:
-        raise SystemExit("--compare-base/--retention: give --base (the checkpoint has no training config)")
+        raise UsageError("--compare-base/--retention: give --base (the checkpoint has no training config)")
     if train_cfg["model"] == "tiny":
         return str(Path(train_cfg["output_dir"]) / "tiny-init")
     return train_cfg["model"]
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+def check(args, s: dict, train_cfg: dict) -> tuple:
+    """Every check before any model runs; raises UsageError. Returns (device, model dir, base name, dataset)."""
+    unknown = [b for b in args.baselines.split(",") if b and b not in BASELINES]
+    if unknown:
+        raise UsageError(f"--baselines {args.baselines}: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if args.baselines and s["num_candidates"] == 0:
+        raise UsageError("--baselines rank a candidate set: they need --num-candidates > 0")
     device = pick_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    train_cfg = training_config(args.model)
+    try:
+        model_dir = resolve_model_dir(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model {args.model}: " + " ".join(str(e).split())) from None
+    base = args.base or (base_of(train_cfg) if (args.compare_base or args.retention) else None)
+    if args.retention:
+        if not Path(args.texts).is_file():
+            raise UsageError(f"--texts {args.texts}: no such file")
+        return device, model_dir, base, None
+    if not Path(s["data"]).is_dir():
+        raise UsageError(f"--data {s['data']}: no such directory (format: data/README.md)")
+    try:
+        ds = load_dataset(s["data"])
+    except DataError as e:
+        raise UsageError(f"--data: {e}") from None
+    if args.split not in ds.queries or not ds.queries[args.split]:
+        raise UsageError(f"--split {args.split!r}: the dataset's splits with queries are "
+                         f"{', '.join(k for k, v in ds.queries.items() if v)}")
+    for flag, ok in (("limit", args.limit >= 0), ("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
+                     ("max_completion_length", s["max_completion_length"] >= 1), ("batch_size", args.batch_size >= 1)):
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')}: out of range (see --help)")
+    return device, model_dir, base, ds
+
+
+def evaluate(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)  # --model first: its training config sets the defaults
+    pre.add_argument("--model")
+    train_cfg = training_config(pre.parse_known_args(argv)[0].model)
+    args = parser(train_cfg).parse_args(argv)
     s = {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v)) for k, v in DEFAULTS.items()}
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device, dtype=dtype).eval()
-    base_name = args.base or (base_of(args.model, train_cfg) if (args.compare_base or args.retention) else None)
+    device, model_dir, base_name, ds = check(args, s, train_cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device=device, dtype=dtype).eval()
 
     if args.retention:
         base = load_model(base_name, device=device, dtype=dtype).eval()
@@ -81,31 +131,38 @@ def main(argv=None) -> int:
             Path(args.output).write_text(json.dumps(res, indent=2) + "\n")
         return 0
 
-    ds = load_dataset(s["data"])
     queries = stratified_head(ds.queries[args.split], args.limit)
     scorer = Scorer(ds, RewardConfig(k=s["answer_size"]))
-    sampler = CandidateSampler(ds)
     show = tuple(a for a in s["show_attributes"].split(",") if a)
-    common = dict(scorer=scorer, candidate_sampler=sampler, num_candidates=s["num_candidates"],
-                  hard_negatives=s["hard_negatives"], seed=s["seed"])
+    common = dict(scorer=scorer, candidate_sampler=CandidateSampler(ds), num_candidates=s["num_candidates"],
+                  hard_negatives=s["hard_negatives"], negatives=s["negatives"], seed=s["seed"])
     prompt = dict(history_len=s["history_len"], show_attributes=show, answer_size=s["answer_size"],
                   max_new_tokens=s["max_completion_length"], batch_size=args.batch_size)
-    results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos_ids(tokenizer, model),
+    results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos_ids(tokenizer, model.cfg.hf, model_dir),
                                         **common, **prompt)}
     if args.compare_base:
-        base = load_model(base_name, device=device, dtype=dtype).eval()
-        results["base"] = evaluate_policy(base, load_tokenizer(base_name), ds, queries,
-                                          eos_token_id=eos_ids(tokenizer, base), **common, **prompt)
+        base_dir = resolve_model_dir(base_name)
+        base, base_tok = load_model(base_dir, device=device, dtype=dtype).eval(), load_tokenizer(base_dir)
+        results["base"] = evaluate_policy(base, base_tok, ds, queries,
+                                          eos_token_id=eos_ids(base_tok, base.cfg.hf, base_dir), **common, **prompt)
     for name in [b for b in args.baselines.split(",") if b]:
         results[name] = evaluate_baseline(name, ds, queries, **common)
     print(markdown_table(results))
-    out = {**results["model"], "settings": {**s, "split": args.split, "count": len(queries)}}
+    out = {**results["model"], "settings": {**s, "model": args.model, "split": args.split, "count": len(queries)}}
     if "base" in results:
         out["base"] = results["base"]
     out["baselines"] = {k: v for k, v in results.items() if k not in ("model", "base")}
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return evaluate(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

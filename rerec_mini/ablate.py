@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import BUNDLED_DATA, UsageError, resolve_config
 from .data import QUERY_TYPES
-from .trainer import BUNDLED_DATA, Trainer, TrainingStopped, resolve_config
+from .prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES
+from .run import checkpoints, train
+from .trainer import TrainingStopped
 
 VARIANTS = {
     "full": {},
@@ -35,12 +38,13 @@ METRICS = ("hit@1", "ndcg@5", "format_ok", "qas", "pas")
 
 
 def run_once(cfg) -> dict:
-    """Train (unless already finished) and return the final evaluation."""
-    done = Path(cfg.output_dir) / "eval_final.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = any(Path(cfg.output_dir).glob("checkpoint-*"))
-    return Trainer(replace(cfg, resume=resume)).run()["final"]
+    """Train (unless already finished; continuing a stopped run) and return the final evaluation."""
+    out = Path(cfg.output_dir)
+    if (out / "eval_final.json").exists():
+        return json.loads((out / "eval_final.json").read_text())
+    if out.is_dir() and checkpoints(out):
+        return train(replace(cfg, resume="latest"))["final"]
+    return train(replace(cfg, overwrite=True))["final"]  # nothing resumable there: start it over
 
 
 def mean_std(xs) -> str:
@@ -73,11 +77,11 @@ def curves(out: Path, runs: dict[tuple[str, int], Path]) -> None:
     for (name, seed), run_dir in runs.items():
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)
-            if "reward_mean" in r:
-                rows.append({"variant": name, "seed": seed, "step": r["step"], "reward_mean": r["reward_mean"],
+            if r.get("phase") == "rl":
+                rows.append({"variant": name, "seed": seed, "step": r["step"], "reward": r["reward"],
                              "hit_rate": r["hit_rate"]})
     with open(out / "curves.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["variant", "seed", "step", "reward_mean", "hit_rate"])
+        w = csv.DictWriter(f, fieldnames=["variant", "seed", "step", "reward", "hit_rate"])
         w.writeheader()
         w.writerows(rows)
     try:
@@ -87,7 +91,7 @@ def curves(out: Path, runs: dict[tuple[str, int], Path]) -> None:
     except ImportError:
         return  # the CSV is the record; `pip install -e ".[plot]"` adds the PNG
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("reward_mean", "hit_rate")):
+    for ax, key in zip(axes, ("reward", "hit_rate")):
         for name in dict.fromkeys(r["variant"] for r in rows):
             steps = sorted({r["step"] for r in rows if r["variant"] == name})
             ys = [np.mean([r[key] for r in rows if r["variant"] == name and r["step"] == s]) for s in steps]
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, help="RL steps per run [the preset's]")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--eval-limit", type=int, default=0, help="held-out queries per evaluation (0: all)")
+    p.add_argument("--negatives", choices=NEGATIVE_MODES, help=f"how candidate negatives are drawn [{DEFAULT_NEGATIVES}]")
     p.add_argument("--out", default="runs/ablate", help="output directory")
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     user = {"model": args.model, "data": args.data, "eval_limit": args.eval_limit}
+    if args.negatives:
+        user["negatives"] = args.negatives
     if args.max_steps is not None:
         user["max_steps"] = args.max_steps
     base = resolve_config(user)
@@ -137,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[name].append(run_once(cfg))
                 run_dirs[(name, seed)] = Path(cfg.output_dir)
                 print(f"[{name} seed {seed}] hit@1 {results[name][-1]['overall']['hit@1']:.3f}", flush=True)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:  # SIGINT/SIGTERM, or repeated NaN: the checkpoint is on disk
-        print(f"stopped: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
-        return 1
+        print(f"stopped: {e}\nrun the same ablation command again to continue where it stopped", file=sys.stderr)
+        return 128 + e.signum if e.signum else 1
     md = table(results)
     (out / "results.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

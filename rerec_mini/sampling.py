@@ -12,6 +12,7 @@ The trainer sees none of this: it gets token lists back and re-scores them right
 
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ class Rollouts:
     prompt_index: list[int]       # [R] which prompt each row continues
     steps: int = 0                # decode steps run (the loop stops early once every row has ended)
     compactions: int = 0          # times finished rows were dropped from the batch
+    captures: int = 0             # CUDA graphs captured by this call (0 when a pool had them)
     prefill_seconds: float = 0.0
     seconds: float = 0.0          # total wall time
 
@@ -72,6 +74,7 @@ class DecodeStep:
         self.model, self.cache, self.pad, self.slot, self.max_len = model, cache, pad, slot, max_len
         self.padded = bool((pad > 0).any())
         self.graphs = {} if cuda_graph else None  # attended length -> (graph, static tokens, static logits)
+        self.captures = 0
 
     def run(self, tok, length: int, static: bool):
         """static=True: shapes and the mask depend only on `length` (graph-capturable); else the mask
@@ -96,6 +99,7 @@ class DecodeStep:
         if length not in self.graphs:
             try:
                 self.graphs[length] = self.capture(tok, length)
+                self.captures += 1
             except Exception as e:  # never lose a rollout to a capture problem
                 warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
                 self.graphs = None
@@ -117,15 +121,66 @@ class DecodeStep:
             out = self.run(static_tok, length, static=True)
         return graph, static_tok, out
 
+    def reset(self, pre: KVCache, pad, first_slot: int) -> None:
+        """Reuse for a new batch of the same shape: the prompts' cache in front, the new pads, the slot.
+        Everything a captured graph reads stays at the same address; entries past the prompt are zeroed
+        (a masked key still multiplies its value by a zero weight, and 0 * NaN = NaN)."""
+        G = self.cache.k.shape[1] // pre.k.shape[1]
+        Tp = pre.k.shape[3]
+        self.cache.k[:, :, :, :Tp] = pre.k.repeat_interleave(G, dim=1)
+        self.cache.v[:, :, :, :Tp] = pre.v.repeat_interleave(G, dim=1)
+        self.cache.k[:, :, :, Tp:].zero_()
+        self.cache.v[:, :, :, Tp:].zero_()
+        self.pad.copy_(pad)
+        self.padded = bool((pad > 0).any())
+        self.slot.fill_(first_slot)
+
+
+class DecoderPool:
+    """CUDA-graph decode steps kept across `generate` calls, keyed by (model, rows, cache length).
+
+    Capturing a graph syncs the device, runs the garbage collector and empties the allocator cache;
+    done on every call it cost 2-4 captures per training step. With a pool each (rows, cache
+    length) is captured once and replayed by every later step and evaluation chunk. The cache length
+    is rounded up to DecodeStep.BUCKET so prompts of nearby lengths share an entry. Each entry holds
+    its KV cache: at most `max_entries` are kept (least recently used dropped first)."""
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple, DecodeStep] = OrderedDict()
+
+    def get(self, model: CausalLM, rows: int, max_len: int, device, dtype) -> DecodeStep:
+        key = (id(model), rows, max_len, dtype)
+        step = self.entries.pop(key, None)
+        if step is None or step.model is not model:
+            cache = KVCache.empty(model.cfg, rows, max_len, device, dtype)
+            pad = torch.zeros(rows, dtype=torch.long, device=device)
+            slot = torch.zeros(1, dtype=torch.long, device=device)
+            step = DecodeStep(model, cache, pad, slot, max_len, cuda_graph=True)
+        self.entries[key] = step
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return step
+
+    @property
+    def captures(self) -> int:
+        return sum(s.captures for s in self.entries.values())
+
+    def clear(self) -> None:
+        self.entries.clear()
+
 
 @torch.inference_mode()
 def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, num_samples=1, temperature=1.0,
-             top_p=1.0, top_k=0, eos_token_id=None, seed=None, sync_every=16, use_cuda_graph=None) -> Rollouts:
+             top_p=1.0, top_k=0, eos_token_id=None, seed=None, sync_every=16, use_cuda_graph=None,
+             pool: DecoderPool | None = None) -> Rollouts:
     """Sample `num_samples` completions of up to max_new_tokens for each prompt (lists of token ids).
 
     temperature=0 is greedy (top_k/top_p then don't matter). eos_token_id: None, an int or a list.
     seed: a fixed seed reproduces the samples (None draws one from torch's global RNG).
     use_cuda_graph: default on for CUDA; if capture fails it warns and decodes eagerly.
+    pool: graph mode keeps its decode steps (graphs, KV cache) there for the next call; without
+    one, each call captures its own graphs.
     In eager mode, finished rows are dropped from the batch once at least half have finished
     (checked every `sync_every` steps); the loop stops as soon as every row has ended.
     """
@@ -159,11 +214,19 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
     logits = model(ids, positions=(slots - pad[:, None]).clamp(min=0), cache=pre, slots=slots, mask=mask,
                    length=Tp, last_only=True)[:, -1].float()                                # [P, V]
     # copy each prompt's cache to its G rows
-    cache = KVCache.empty(model.cfg, R, S, dev, dtype)
-    cache.k[:, :, :, :Tp] = pre.k.repeat_interleave(G, dim=1)
-    cache.v[:, :, :, :Tp] = pre.v.repeat_interleave(G, dim=1)
-    del pre
     pad = pad.repeat_interleave(G)
+    slot = torch.full((1,), Tp, device=dev)  # cache index the next token goes to
+    if use_cuda_graph and pool is not None:
+        S = -(-S // DecodeStep.BUCKET) * DecodeStep.BUCKET
+        step_fn = pool.get(model, R, S, dev, dtype)
+        step_fn.reset(pre, pad, Tp)
+        cache, pad, slot = step_fn.cache, step_fn.pad, step_fn.slot
+    else:
+        cache = KVCache.empty(model.cfg, R, S, dev, dtype)
+        cache.k[:, :, :, :Tp] = pre.k.repeat_interleave(G, dim=1)
+        cache.v[:, :, :, :Tp] = pre.v.repeat_interleave(G, dim=1)
+        step_fn = DecodeStep(model, cache, pad, slot, S, use_cuda_graph)
+    del pre
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t_prefill = time.perf_counter() - t0
@@ -174,9 +237,7 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
     tok, lp = sample_next(logits.repeat_interleave(G, dim=0), temperature, top_k, top_p, gen)
     out_tok[:, 0], out_lp[:, 0] = tok, lp
     done = torch.isin(tok, eos)
-    slot = torch.full((1,), Tp, device=dev)  # cache index the next token goes to
-    step_fn = DecodeStep(model, cache, pad, slot, S, use_cuda_graph)
-    steps, compactions = 1, 0
+    steps, compactions, captures_before = 1, 0, step_fn.captures
     for step in range(1, max_new_tokens):
         if step % sync_every == 0:  # the only host syncs of the loop
             live = int((~done).sum())
@@ -205,4 +266,5 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
     return Rollouts(
         completions=[t[:n] for t, n in zip(toks, length)], logprobs=[l[:n] for l, n in zip(lps, length)],
         truncated=(~ended).tolist(), prompt_index=[r // G for r in range(R)], steps=steps,
-        compactions=compactions, prefill_seconds=t_prefill, seconds=time.perf_counter() - t0)
+        compactions=compactions, captures=step_fn.captures - captures_before, prefill_seconds=t_prefill,
+        seconds=time.perf_counter() - t0)

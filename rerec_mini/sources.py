@@ -1,7 +1,7 @@
 """Builders from real data: MovieLens-1M (+ movie metadata) and published RecBench+ query files.
 
-    python -m rerec_mini.data movielens --ml1m DIR --metadata FILE --out DIR
-    python -m rerec_mini.data recbench  --recbench DIR --ml1m DIR [--metadata FILE] --out DIR
+    python -m rerec_mini.datasets movielens --ml1m DIR --metadata FILE --out DIR
+    python -m rerec_mini.datasets recbench  --recbench DIR --ml1m DIR [--metadata FILE] --out DIR
 
 Both read the files as their owners distribute them and write a dataset directory
 (data/README.md). Nothing is dropped silently: every skipped line, title, condition or

@@ -6,7 +6,7 @@ actors specialise in genres and eras), users have latent tastes (genres, decades
 and watch in themed sessions, and demographic groups lean towards some genres and
 decades, so the interaction graph carries signal a graph embedding can find.
 
-    python -m rerec_mini.data synth --out data/synth-movies --seed 0
+    python -m rerec_mini.datasets synth --out data/synth-movies --seed 0
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rerec_mini.model import CausalLM, ModelConfig, save_model
-from rerec_mini.sampling import DecodeStep, generate, sample_next
+from rerec_mini.sampling import DecodeStep, DecoderPool, generate, sample_next
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 512
@@ -148,6 +148,44 @@ def test_graph_path_logic_on_cpu(models, prompts, monkeypatch):
         assert graph.completions == eager.completions
         for a, b in zip(graph.logprobs, eager.logprobs):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+
+
+def test_graphs_are_captured_once_and_reused_across_calls(models, prompts, monkeypatch):
+    """A pool keeps each (rows, cache length)'s decode step: later calls replay its graphs
+    (same output as eager, new prompts and pads copied into the same buffers), no new captures."""
+    ours, _ = models
+    calls = []
+
+    def fake_capture(self, tok, length):
+        calls.append(length)
+        static_tok = tok.clone()
+        out = self.run(static_tok, length, static=True)
+
+        class Replay:
+            def replay(_):
+                out.copy_(self.run(static_tok, length, static=True))
+        return Replay(), static_tok, out
+
+    monkeypatch.setattr(DecodeStep, "capture", fake_capture)
+    monkeypatch.setattr(DecodeStep, "BUCKET", 8)
+    pool = DecoderPool()
+    other = [p[::-1] for p in prompts]  # same rows, other tokens and pads
+    first = generate(ours, prompts, max_new_tokens=10, temperature=0, use_cuda_graph=True, pool=pool)
+    assert first.captures == len(calls) > 0
+    for batch in (other, prompts, other):
+        n = len(calls)
+        got = generate(ours, batch, max_new_tokens=10, temperature=0, use_cuda_graph=True, pool=pool)
+        assert got.captures == 0 and len(calls) == n
+        assert got.completions == generate(ours, batch, max_new_tokens=10, temperature=0).completions
+    # without a pool every call captures again (the old behaviour)
+    n = len(calls)
+    generate(ours, prompts, max_new_tokens=10, temperature=0, use_cuda_graph=True)
+    assert len(calls) > n
+    # another row count is another entry; the oldest are dropped beyond max_entries
+    small = DecoderPool(max_entries=1)
+    generate(ours, prompts, max_new_tokens=10, temperature=0, use_cuda_graph=True, pool=small)
+    generate(ours, prompts[:2], max_new_tokens=10, temperature=0, use_cuda_graph=True, pool=small)
+    assert len(small.entries) == 1
 
 
 def test_failed_graph_capture_falls_back_to_eager(models, prompts):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rerec_mini.data import DataError, load_dataset, main, write_dataset
+from rerec_mini.data import DataError, load_dataset, write_dataset
+from rerec_mini.datasets import main
 from rerec_mini.sources import (
     SHARED_RELATIONS,
     Report,

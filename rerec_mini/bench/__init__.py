@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m rerec_mini.bench {sampler,scorer,train} [options]`.
+"""Benchmarks: `python -m rerec_mini.bench {sampler,scorer,train,gpu} [options]`.
 
 Each benchmark lives in its own module and compares against the alternative a user
 would otherwise pick, in the same run, as a ratio (these machines are noisy).

@@ -7,6 +7,7 @@ BENCHMARKS = {
     "sampler": "our KV-cache sampler vs transformers generate (tokens/s)",
     "scorer": "batched dual-graph scorer vs a per-rollout graph walk (rollouts/s)",
     "train": "per-phase time of one GRPO step, tokens/s, MFU",
+    "gpu": "the GPU check: every GPU figure in one command (--smoke: the same paths on CPU)",
 }
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from ..model import CausalLM, ModelConfig, _dtype
-from ..sampling import generate
+from ..sampling import DecoderPool, generate
 
 PRESETS = {
     "cpu-small": dict(
@@ -66,47 +66,40 @@ def hf_twin(model: CausalLM, device, dtype):
     return hf
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rerec_mini.bench sampler", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=PRESETS, default="cpu-small")
-    ap.add_argument("--device", help="cpu | cuda (default: the preset's)")
-    ap.add_argument("--dtype", help="float32 | bfloat16 (default: the preset's)")
-    ap.add_argument("--prompts", type=int)
-    ap.add_argument("--samples", type=int, help="rows per prompt")
-    ap.add_argument("--new-tokens", type=int)
-    ap.add_argument("--prompt-len", type=int)
-    ap.add_argument("--repeats", type=int)
-    ap.add_argument("--layers", type=int, help="override the layer count (a reduced-size smoke run)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
-    ap.add_argument("--no-cuda-graph", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the results to this file")
-    args = ap.parse_args(argv)
-    pre = PRESETS[args.preset]
-    opt = {k: getattr(args, k) if getattr(args, k) is not None else pre[k]
-           for k in ("device", "dtype", "prompts", "samples", "new_tokens", "prompt_len", "repeats")}
+def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, samples=None, new_tokens=None,
+        prompt_len=None, repeats=None, layers=None, threads=None, cuda_graph=True, hf_static_cache=False, seed=0,
+        model_overrides: dict | None = None) -> dict:
+    """The benchmark as a function (bench gpu calls it); None takes the preset's value."""
+    pre = PRESETS[preset]
+    given = dict(device=device, dtype=dtype, prompts=prompts, samples=samples, new_tokens=new_tokens,
+                 prompt_len=prompt_len, repeats=repeats)
+    opt = {k: v if v is not None else pre[k] for k, v in given.items()}
     device, dtype = torch.device(opt["device"]), _dtype(opt["dtype"], opt["device"])
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    cfg = ModelConfig(**{**pre["cfg"], **({"num_layers": args.layers} if args.layers else {})})
+    threads = threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**pre["cfg"], **(model_overrides or {}), **({"num_layers": layers} if layers else {})})
+    use_graph = device.type == "cuda" and cuda_graph
 
     with torch.device("meta"):  # allocate and initialise straight on the device, in the bench dtype
         model = CausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device).init_weights(args.seed).eval()
+    model = model.to(dtype).to_empty(device=device).init_weights(seed).eval()
     hf = hf_twin(model, device, dtype)
     P, G, N, L = opt["prompts"], opt["samples"], opt["new_tokens"], opt["prompt_len"]
-    prompts = torch.randint(0, cfg.vocab_size, (P, L), generator=torch.Generator().manual_seed(args.seed))
-    hf_input = prompts.to(device)
+    ids = torch.randint(0, cfg.vocab_size, (P, L), generator=torch.Generator().manual_seed(seed))
+    hf_input = ids.to(device)
+    pool = DecoderPool()  # as the trainer does: graphs captured in the warm-up, replayed after
 
     def ours(n):
-        return generate(model, prompts.tolist(), max_new_tokens=n, num_samples=G, temperature=1.0,
-                        seed=args.seed, use_cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
+        return generate(model, ids.tolist(), max_new_tokens=n, num_samples=G, temperature=1.0, seed=seed,
+                        use_cuda_graph=use_graph, pool=pool)
 
     @torch.inference_mode()
     def theirs(n):
+        extra = {"cache_implementation": "static"} if hf_static_cache else {}
         out = hf.generate(hf_input, attention_mask=torch.ones_like(hf_input), do_sample=True, temperature=1.0,
                           top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n, num_return_sequences=G,
-                          eos_token_id=None, pad_token_id=0)
+                          eos_token_id=None, pad_token_id=0, **extra)
         assert out.shape == (P * G, L + n), out.shape
         return out
 
@@ -117,7 +110,7 @@ def main(argv=None) -> int:
         sync(device)
         return time.perf_counter() - t, r
 
-    ours(min(N, 8)), theirs(min(N, 8))  # warm-up: allocator, kernels, lazy imports
+    ours(N), theirs(min(N, 8))  # warm-up: allocator, kernels, every CUDA graph bucket, lazy imports
     t_ours, t_hf, step_ms = [], [], []
     for _ in range(opt["repeats"]):  # alternate, so drift in machine speed hits both alike
         t, r = timed(ours)
@@ -133,25 +126,55 @@ def main(argv=None) -> int:
     weight_bytes = model.num_parameters() * elem
     kv_bytes = cfg.num_layers * 2 * rows * cfg.num_kv_heads * cfg.head_dim * elem * (L + N / 2)  # mean over steps
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bw
-    res = dict(
-        preset=args.preset, device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(), threads=args.threads, dtype=str(dtype).removeprefix("torch."),
+    return dict(
+        preset=preset, device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(), threads=threads, dtype=str(dtype).removeprefix("torch."),
         layers=cfg.num_layers, params=model.num_parameters(), prompts=P, samples=G, rows=rows, prompt_len=L,
-        new_tokens=N, repeats=opt["repeats"], cuda_graph=device.type == "cuda" and not args.no_cuda_graph,
+        new_tokens=N, repeats=opt["repeats"], cuda_graph=use_graph, graph_captures=pool.captures,
+        hf_cache="static" if hf_static_cache else "dynamic",
         ours_s=med_ours, hf_s=med_hf, ours_tok_s=tokens / med_ours, hf_tok_s=tokens / med_hf, ratio=med_hf / med_ours,
         ours_runs_s=t_ours, hf_runs_s=t_hf, ratio_best=min(t_hf) / min(t_ours),
         ours_ms_per_step=statistics.median(step_ms), floor_ms_per_step=floor_ms, copy_gb_s=bw / 1e9,
         torch=torch.__version__, transformers=__import__("transformers").__version__)
 
-    print(f"sampler: preset {args.preset}, {res['device']} ({res['device_name']}, {args.threads} threads), "
-          f"{res['dtype']}, {cfg.num_layers} layers, {res['params'] / 1e6:.1f}M params")
-    print(f"{rows} rows ({P} prompts x {G} samples), prompt {L}, {N} new tokens, median of {opt['repeats']}")
-    print(f"  {'':14s} {'seconds':>9s} {'tokens/s':>10s}")
-    print(f"  {'rerec-mini':14s} {med_ours:9.3f} {res['ours_tok_s']:10.1f}")
-    print(f"  {'transformers':14s} {med_hf:9.3f} {res['hf_tok_s']:10.1f}")
-    print(f"  ratio (ours / transformers tokens/s): {res['ratio']:.2f}x median, {res['ratio_best']:.2f}x best of each")
-    print(f"  decode step: {res['ours_ms_per_step']:.2f} ms, memory-bandwidth floor {floor_ms:.2f} ms "
-          f"({res['ours_ms_per_step'] / floor_ms:.1f}x; copy bandwidth {res['copy_gb_s']:.0f} GB/s)")
+
+def describe(res: dict) -> str:
+    return "\n".join([
+        f"sampler: preset {res['preset']}, {res['device']} ({res['device_name']}, {res['threads']} threads), "
+        f"{res['dtype']}, {res['layers']} layers, {res['params'] / 1e6:.1f}M params",
+        f"{res['rows']} rows ({res['prompts']} prompts x {res['samples']} samples), prompt {res['prompt_len']}, "
+        f"{res['new_tokens']} new tokens, median of {res['repeats']}",
+        f"  {'':14s} {'seconds':>9s} {'tokens/s':>10s}",
+        f"  {'rerec-mini':14s} {res['ours_s']:9.3f} {res['ours_tok_s']:10.1f}",
+        f"  {'transformers':14s} {res['hf_s']:9.3f} {res['hf_tok_s']:10.1f}   ({res['hf_cache']} cache)",
+        f"  ratio (ours / transformers tokens/s): {res['ratio']:.2f}x median, {res['ratio_best']:.2f}x best of each",
+        f"  decode step: {res['ours_ms_per_step']:.2f} ms, memory-bandwidth floor {res['floor_ms_per_step']:.2f} ms "
+        f"({res['ours_ms_per_step'] / res['floor_ms_per_step']:.1f}x; copy bandwidth {res['copy_gb_s']:.0f} GB/s)",
+    ])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rerec_mini.bench sampler", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=PRESETS, default="cpu-small")
+    ap.add_argument("--device", help="cpu | cuda (default: the preset's)")
+    ap.add_argument("--dtype", help="float32 | bfloat16 (default: the preset's)")
+    ap.add_argument("--prompts", type=int)
+    ap.add_argument("--samples", type=int, help="rows per prompt")
+    ap.add_argument("--new-tokens", type=int)
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--layers", type=int, help="override the layer count (a reduced-size smoke run)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--hf-static-cache", action="store_true", help="transformers with cache_implementation='static'")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args(argv)
+    res = run(args.preset, device=args.device, dtype=args.dtype, prompts=args.prompts, samples=args.samples,
+              new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, layers=args.layers,
+              threads=args.threads, cuda_graph=not args.no_cuda_graph, hf_static_cache=args.hf_static_cache,
+              seed=args.seed)
+    print(describe(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -4,12 +4,15 @@
     python -m rerec_mini.bench train --preset qwen2.5-1.5b --device cuda
                                                           # the Qwen2.5-1.5B architecture, random weights
 
-Runs real `Trainer.step()`s on the bundled dataset (after `--warmup` untimed steps) and
-reports the median of each phase from the step logs. The update's model FLOPs utilisation
-is 6 x parameters x trained tokens (+ attention) over its wall time, against the peak rate
-given by `--peak-tflops` (default: 989 for H100/H200 bf16 dense on CUDA; on CPU the achieved
-GFLOP/s is printed instead). The 1.5B preset also reports peak GPU memory with the reference
-model loaded (beta > 0).
+Runs real `Trainer.step()`s on the bundled dataset (after `--warmup` untimed steps) and reports
+the median of each phase. MFU is model FLOPs over wall time over the device's peak:
+    policy forward + backward   6 x (trunk matmul weights x all tokens + head x completion tokens)
+                                + 6 x layers x heads x head_dim x seq^2 (causal attention)
+    reference forward           a third of that (when beta > 0)
+per trained rollout, counted once: gradient-checkpoint recompute is hardware work, not model work,
+so it lowers MFU rather than being counted. Peak: --peak-tflops (989 = H100/H200 SXM bf16 dense).
+Random weights rarely emit EOS, so the 1.5B preset trains on truncated rollouts (keep_truncated):
+every rollout is --max-completion-length tokens and every one trains.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import BUNDLED_DATA, resolve_config
 from ..data import load_dataset
 from ..model import CausalLM, ModelConfig, build_tiny, save_model
-from ..trainer import BUNDLED_DATA, Trainer, dataset_texts, resolve_config
+from ..run import dataset_texts, pick_device
+from ..trainer import Trainer
 
 # Qwen2.5-1.5B-Instruct's config.json (the fields our decoder reads).
 QWEN25_15B = dict(
@@ -39,28 +44,82 @@ QWEN25_15B = dict(
 PRESETS = {
     # the offline demo's RL phase, as `python train.py --model tiny` runs it
     "tiny": dict(),
-    # DESIGN §8: 16 queries x 8 samples x 512 tokens, bf16, reference model on the GPU
-    "qwen2.5-1.5b": dict(batch_size=16, num_generations=8, max_completion_length=512, micro_batch_size=8,
-                         num_candidates=20, show_attributes="", beta=0.01, gradient_checkpointing=True,
-                         learning_rate=5e-6, sft_steps=0),
+    # DESIGN §8's memory target: 64 rollouts (8 queries x 8) x 1k tokens, bf16, reference on the GPU
+    "qwen2.5-1.5b": dict(batch_size=8, num_generations=8, max_completion_length=1024, micro_batch_size=8,
+                         num_candidates=20, show_attributes="", beta=0.01, gradient_checkpointing="on",
+                         keep_truncated=True, learning_rate=5e-6, sft_steps=0),
 }
 
 
-def make_model(preset: str, out: Path, layers: int | None) -> str:
-    """A model directory for the preset: the tiny model, or Qwen2.5-1.5B's architecture with
-    random weights and the tiny byte-level tokenizer (no hub access here). Random weights rarely
-    emit EOS, so every rollout runs to --max-completion-length: the worst case, as intended."""
+def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict | None = None) -> str:
+    """A model directory for the preset: the tiny model, or Qwen2.5-1.5B's architecture with random
+    weights and the tiny byte-level tokenizer (no hub access here). model_overrides: config.json
+    fields to shrink it (bench gpu --smoke)."""
     ds = load_dataset(BUNDLED_DATA)
     cfg = resolve_config({"model": "tiny"})
     path = build_tiny(out / "model", dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
                       num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden)
     if preset == "qwen2.5-1.5b":
-        hf = dict(QWEN25_15B, num_hidden_layers=layers or QWEN25_15B["num_hidden_layers"])
+        names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+        hf = dict(QWEN25_15B, **{names.get(k, k): v for k, v in (model_overrides or {}).items()})
+        hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
         big = CausalLM(ModelConfig.from_hf_dict(hf)).init_weights(0)
         for f in path.glob("*.safetensors"):
             f.unlink()
         save_model(big, path)
     return str(path)
+
+
+def update_flops(model: CausalLM, row: dict, with_reference: bool) -> float:
+    """Model FLOPs of one update phase, from its step row (see the module docstring)."""
+    c = model.cfg
+    head = c.vocab_size * c.hidden_size
+    trunk = model.num_parameters() - head - (0 if model.lm_head is None else head)  # embedding lookups: no FLOPs
+    fwd = (2 * trunk * row["update_tokens"] + 2 * head * row["update_completion_tokens"]
+           + 2 * c.num_layers * c.num_heads * c.head_dim * row["update_seq_sq"])
+    return fwd * (3 + (1 if with_reference else 0))
+
+
+def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int = 1, layers: int | None = None,
+        peak_tflops: float = 989.0, overrides: dict | None = None, model_overrides: dict | None = None) -> dict:
+    """The benchmark as a function (bench gpu calls it): median figures of `steps` timed steps.
+    overrides: Config fields over the preset; model_overrides: config.json fields (see make_model)."""
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(preset, Path(tmp), layers, model_overrides)
+        cfg = resolve_config({"model": "tiny", **PRESETS[preset], "device": device, "output_dir": tmp,
+                              "max_steps": warmup + steps, "sft_steps": 0, **(overrides or {})})
+        tr = Trainer(replace(cfg, model=model), load_dataset(cfg.data), model, dev)
+        tr.start_rl()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        rows = []
+        for k in range(warmup + steps):
+            t0 = time.perf_counter()
+            row = tr.step()
+            row["time/step"] = time.perf_counter() - t0
+            if k >= warmup:
+                rows.append(row)
+        keys = ("time/sample", "time/score", "time/advantage", "time/update", "time/step", "tokens_per_s",
+                "completions/mean_length", "update_tokens", "update_completion_tokens", "update_seq_sq")
+        med = {k: statistics.median(r[k] for r in rows) for k in keys}
+        flops = update_flops(tr.model, med, cfg.beta != 0)
+        out = {
+            "preset": preset, "device": str(dev), "params": tr.model.num_parameters(),
+            "rollouts_per_step": cfg.batch_size * cfg.num_generations,
+            "gradient_checkpointing": tr.model.gradient_checkpointing, "precision": "bf16" if tr.bf16 else "fp32",
+            **{k: round(v, 4) for k, v in med.items()},
+            "update_model_tflops": flops / 1e12, "update_tflop_per_s": flops / med["time/update"] / 1e12,
+        }
+        out["phase_share"] = {k: round(med[k] / med["time/step"], 3)
+                              for k in ("time/sample", "time/score", "time/advantage", "time/update")}
+        if dev.type == "cuda":
+            out["peak_tflops"] = peak_tflops
+            out["mfu_update"] = out["update_tflop_per_s"] / peak_tflops
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            out["device_name"] = torch.cuda.get_device_name(dev)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,40 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (bf16 dense)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(args.preset, Path(tmp), args.layers)
-        cfg = resolve_config({"model": "tiny", **PRESETS[args.preset], "device": args.device, "output_dir": tmp,
-                              "max_steps": args.warmup + args.steps, "save_every": 10**9, "sft_steps": 0})
-        tr = Trainer(replace(cfg, model=model))
-        if tr.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        rows = []
-        for k in range(args.warmup + args.steps):
-            t0 = time.perf_counter()
-            row = tr.step()
-            row["time_step"] = time.perf_counter() - t0
-            if k >= args.warmup:
-                rows.append(row)
-        med = {k: statistics.median(r[k] for r in rows)
-               for k in ("time_sample", "time_score", "time_advantage", "time_update", "time_step", "tokens_per_s",
-                         "response_len", "update_tokens", "update_seq_len")}
-        rollouts = cfg.batch_size * cfg.num_generations
-        # Update FLOPs: forward+backward over prompt + completion tokens of every trained rollout
-        # (the prompt is re-read by the training forward), plus gradient-checkpoint recompute.
-        flops = tr.model.flops_per_token(int(med["update_seq_len"])) * med["update_tokens"] * cfg.num_iterations
-        if cfg.gradient_checkpointing:
-            flops *= 4 / 3  # one more forward
-        out = {
-            "preset": args.preset, "device": str(tr.device), "params": tr.model.num_parameters(),
-            "rollouts_per_step": rollouts, **{k: round(v, 4) for k, v in med.items()},
-            "update_tflops": flops / med["time_update"] / 1e12,
-        }
-        out["phase_share"] = {k: round(med[k] / med["time_step"], 3)
-                              for k in ("time_sample", "time_score", "time_advantage", "time_update")}
-        if tr.device.type == "cuda":
-            out["mfu_update"] = out["update_tflops"] / args.peak_tflops
-            out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    out = run(args.preset, args.device, args.steps, args.warmup, args.layers, args.peak_tflops)
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

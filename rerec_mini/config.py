@@ -1,0 +1,222 @@
+"""Every training option in one flat dataclass, the tiny preset, and the checks made before any work.
+
+`train.py` turns each `Config` field into a `--flag` with its help text; names follow TRL's GRPO
+vocabulary where one exists. `validate(cfg)` checks ranges and choices in microseconds, so a
+typo fails before SFT instead of after it; its errors are `UsageError`s (one line naming the
+flag and what to do; the command lines print it and exit 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = REPO_ROOT / "data" / "synth-movies"
+
+
+class UsageError(Exception):
+    """A user mistake (a flag out of range, a missing file, a used output directory): the message
+    is one line that names the flag or file and says what to do. Internal errors are not these."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Every training option; `train.py` turns each field into a `--flag` with this help."""
+
+    # what to train, on what, where
+    model: str = _opt("tiny", "local dir, .gguf file, hub id, alias (Qwen2.5-0.5B|1.5B|3B|7B, Llama-3.2-1B|3B, "
+                              "SmolLM2-135M|360M|1.7B) or 'tiny'")
+    data: str = _opt(str(BUNDLED_DATA), "dataset directory (format: data/README.md)")
+    output_dir: str = _opt("", "where checkpoints, metrics.jsonl, evaluations and report.md go "
+                               "(default: runs/<timestamp> in the current directory)")
+    overwrite: bool = _opt(False, "start afresh in an --output-dir that already holds a run (its files are deleted)")
+    resume: str = _opt("", "continue a run: bare --resume takes the newest checkpoint of --output-dir (or of the "
+                           "newest run in runs/); --resume PATH a given checkpoint", nargs="?", const="latest")
+    override_config: bool = _opt(False, "with --resume: accept flags that change the run's meaning (recorded)")
+    seed: int = _opt(0, "seed for init, candidates, sampling and the curriculum")
+    device: str = _opt("auto", "cuda, cuda:N, cpu or auto")
+    precision: str = _opt("auto", "bf16: bf16 autocast, bf16 sampling copy; fp32: all float32; auto: bf16 on CUDA",
+                          choices=("auto", "bf16", "fp32"))
+    # the RL loop (names follow TRL's GRPO where one exists)
+    max_steps: int = _opt(200, "RL steps (a finished run continues with --resume --max-steps N)")
+    batch_size: int = _opt(16, "queries per RL step")
+    num_generations: int = _opt(5, "rollouts per query (the group size G, >= 2)")
+    max_completion_length: int = _opt(512, "most tokens sampled per rollout")
+    temperature: float = _opt(1.0, "sampling temperature (> 0; the trainer's log-probs use the same one)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold, in (0, 1]")
+    learning_rate: float = _opt(5e-6, "AdamW learning rate of the RL phase")
+    warmup_steps: int = _opt(10, "linear learning-rate warmup, in optimiser steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "gradient clipping")
+    beta: float = _opt(0.01, "KL coefficient (k3 to the frozen start); 0 loads no reference model")
+    epsilon: float = _opt(0.2, "lower clip range of the ratio")
+    epsilon_high: float = _opt(0.2, "upper clip range of the ratio")
+    loss_type: str = _opt("dapo", "loss aggregation (TRL's names): dapo token mean over the step; grpo per-rollout "
+                                  "mean; dr_grpo / (rollouts x max length); bnpo token mean per micro-batch",
+                          choices=("dapo", "grpo", "dr_grpo", "bnpo", "token-mean", "seq-mean", "dr-grpo"))
+    scale_rewards: str = _opt("group", "advantage std scaling: the query's group, the whole batch, or none",
+                              choices=("group", "batch", "none"))
+    num_iterations: int = _opt(1, "optimiser passes over each batch of rollouts (mu)")
+    micro_batch_size: int = _opt(8, "rollouts per forward/backward (memory)")
+    gradient_checkpointing: str = _opt("auto", "recompute layer activations in backward (memory); auto: on for CUDA",
+                                       choices=("auto", "on", "off"))
+    keep_truncated: bool = _opt(False, "also train on rollouts cut off at --max-completion-length")
+    tis_cap: float = _opt(0.0, "truncated importance sampling: weight tokens by min(p_train/p_sampler, cap); 0: off")
+    ref_offload: bool = _opt(False, "keep the reference model on the CPU between uses (GPU memory)")
+    logprob_chunk: int = _opt(1024, "tokens per chunk of the log-prob head (memory)")
+    # ReRec's components and their ablation switches
+    curriculum: str = _opt("buckets", "query sampler", choices=("none", "paper", "buckets"))
+    tau: float = _opt(0.1, "difficulty below which a query counts as mastered (retired)")
+    difficulty_metric: str = _opt("rec", "curriculum difficulty: 1-rec or 1-reward", choices=("rec", "reward"))
+    no_raae: bool = _opt(False, "ablation: plain GRPO advantages (no reasoning-aware token advantages)")
+    raae_penalty: float = _opt(0.3, "RAAE: wrong-segment tokens get A - penalty*max(|A|, floor)")
+    raae_floor: float = _opt(1.0, "RAAE: the penalty's floor in advantage units (1 = one group std)")
+    raae_advantage: str = _opt("bounded", "RAAE: bounded (ours, see raae.py) or the paper's literal formula",
+                               choices=("bounded", "paper"))
+    raae_claims: bool = _opt(False, "RAAE: also mark segments that attribute a condition to an item lacking it")
+    no_qas: bool = _opt(False, "ablation: drop the query-alignment (item-attribute graph) reward")
+    no_pas: bool = _opt(False, "ablation: drop the preference-alignment (interaction graph) reward")
+    reward_weights: str = _opt("0.1,1.0,0.1,0.1", "weights of format,rec,qas,pas (the release used 0.01 for qas,pas)")
+    # the task
+    num_candidates: int = _opt(20, "candidates per prompt (1 correct + negatives); 0 = open generation")
+    negatives: str = _opt(DEFAULT_NEGATIVES, "how negatives are drawn: uniform over the catalogue, from the ground "
+                                             "truth's popularity stratum (no popularity shortcut), or hard (sharing "
+                                             "some of the request's conditions)", choices=NEGATIVE_MODES)
+    hard_negatives: int = _opt(0, "negatives that share some but not all conditions")
+    answer_size: int = _opt(1, "titles in the answer box (NDCG@k with k = this)")
+    history_len: int = _opt(0, "recent history titles shown in the prompt")
+    show_attributes: str = _opt("", "candidate attributes shown in the prompt, e.g. genre,director; "
+                                    "'auto': those the request names")
+    # SFT warm start
+    sft_steps: int = _opt(0, "SFT steps on gold reasoning before RL (needed by from-scratch models)")
+    sft_learning_rate: float = _opt(1e-5, "AdamW learning rate of the SFT warm start")
+    sft_batch_size: int = _opt(16, "queries per SFT step")
+    sft_prompt_weight: float = _opt(0.0, "SFT: weight of a language-model loss on the prompt tokens (from-scratch models)")
+    # evaluation, logging and checkpoints
+    eval_steps: int = _opt(0, "evaluate on held-out queries every N RL steps (0: only after SFT and at the end)")
+    eval_limit: int = _opt(0, "held-out queries per evaluation, the types in turn (0: all)")
+    eval_split: str = _opt("test", "split used for evaluation")
+    logging_steps: int = _opt(1, "write a metrics row (and the console line) every N RL steps")
+    report_to: str = _opt("none", "also log to tensorboard (pip install tensorboard)", choices=("none", "tensorboard"))
+    save_steps: int = _opt(50, "checkpoint every N RL steps (and at the end)")
+    save_total_limit: int = _opt(2, "checkpoints kept (older ones are deleted; 0: keep all)")
+    # the tiny model (only with --model tiny)
+    tiny_layers: int = _opt(4, "tiny: transformer layers")
+    tiny_hidden: int = _opt(256, "tiny: hidden size")
+    tiny_vocab: int = _opt(2048, "tiny: BPE vocabulary size")
+
+
+# `python train.py --model tiny` is the offline demo: these replace the defaults above for any
+# flag the user did not set. Sized so SFT + RL + two evaluations fit in ~10 minutes on 2 CPU cores.
+TINY_PRESET = dict(
+    tiny_hidden=128, tiny_layers=2, tiny_vocab=1024, num_candidates=8, show_attributes="auto",
+    sft_steps=1000, sft_learning_rate=5e-3, sft_batch_size=16, sft_prompt_weight=0.5,
+    max_steps=150, batch_size=8, num_generations=6, max_completion_length=80, learning_rate=3e-4,
+    warmup_steps=5, beta=0.0, micro_batch_size=48, save_steps=50,
+)
+
+# Flags that only change how a run is carried out or looked at, not what it computes: a resumed
+# run may change them freely. Every other flag changes the run's meaning (--override-config).
+HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "device", "max_steps", "micro_batch_size",
+            "gradient_checkpointing", "ref_offload", "logprob_chunk", "eval_steps", "eval_limit", "eval_split",
+            "logging_steps", "report_to", "save_steps", "save_total_limit"}
+
+
+def resolve_config(user: dict, saved: dict | None = None) -> Config:
+    """The user's flags, over a resumed run's saved settings (if any), over the tiny preset (for
+    --model tiny), over the defaults. Unknown keys raise TypeError (a programming error)."""
+    known = {f.name for f in fields(Config)}
+    if saved is not None:  # a resumed run keeps what it was trained with
+        return Config(**{**{k: v for k, v in saved.items() if k in known}, **user})
+    base = dict(TINY_PRESET) if user.get("model", "tiny") == "tiny" else {}
+    return Config(**{**base, **user})
+
+
+def reward_weights(cfg: Config) -> tuple[float, float, float, float]:
+    """--reward-weights as four floats (format, rec, qas, pas)."""
+    try:
+        w = tuple(float(x) for x in cfg.reward_weights.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 4 or not all(math.isfinite(x) for x in w):
+        raise UsageError(f"--reward-weights {cfg.reward_weights!r}: give four numbers format,rec,qas,pas "
+                         "(e.g. 0.1,1.0,0.1,0.1)")
+    return w  # type: ignore[return-value]
+
+
+def validate(cfg: Config) -> list[str]:
+    """Check every option's range; raise UsageError on the first bad one. Returns warnings about
+    settings that are legal but make learning impossible or suspicious."""
+    def need(ok: bool, flag: str, what: str):
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: {what}")
+
+    for f in fields(Config):  # choices first: a typo in a name is the commonest mistake
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            need(False, f.name, f"choose one of {', '.join(choices)}")
+    need(cfg.max_steps >= 0, "max_steps", "must be >= 0")
+    need(cfg.batch_size >= 1, "batch_size", "must be >= 1 query per step")
+    need(cfg.num_generations >= 2, "num_generations", "must be >= 2: a group of one rollout has no contrast, "
+                                                        "so every advantage would be 0")
+    need(cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1 token")
+    need(cfg.temperature > 0 and math.isfinite(cfg.temperature), "temperature",
+         "must be > 0 for training (the log-probs divide by it); greedy decoding is for evaluation (eval.py)")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(cfg.sft_learning_rate > 0, "sft_learning_rate", "must be > 0")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+    need(cfg.beta >= 0, "beta", "must be >= 0 (0 loads no reference model)")
+    need(0 <= cfg.epsilon < 1, "epsilon", "must be in [0, 1)")
+    need(cfg.epsilon_high >= 0, "epsilon_high", "must be >= 0")
+    need(cfg.num_iterations >= 1, "num_iterations", "must be >= 1")
+    need(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+    need(cfg.tis_cap >= 0, "tis_cap", "must be >= 0 (0: off)")
+    need(cfg.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+    need(0 <= cfg.tau <= 1, "tau", "must be in [0, 1]")
+    need(0 <= cfg.raae_penalty <= 1, "raae_penalty", "must be in [0, 1]")
+    need(cfg.raae_floor >= 0, "raae_floor", "must be >= 0")
+    need(cfg.num_candidates == 0 or cfg.num_candidates >= 2, "num_candidates",
+         "must be >= 2 (1 correct + negatives), or 0 for open generation")
+    need(cfg.hard_negatives >= 0, "hard_negatives", "must be >= 0")
+    need(cfg.answer_size >= 1, "answer_size", "must be >= 1")
+    need(cfg.history_len >= 0, "history_len", "must be >= 0")
+    need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
+    need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
+    need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")
+    need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
+    need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0 (0: all)")
+    need(cfg.logging_steps >= 1, "logging_steps", "must be >= 1")
+    need(cfg.save_steps >= 1, "save_steps", "must be >= 1")
+    need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0: keep all)")
+    need(cfg.tiny_layers >= 1, "tiny_layers", "must be >= 1")
+    need(cfg.tiny_hidden >= 8 and cfg.tiny_hidden % 4 == 0, "tiny_hidden", "must be >= 8 and divisible by 4 (heads)")
+    need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
+    w = reward_weights(cfg)
+    warnings = []
+    if w[1] == 0:
+        warnings.append("--reward-weights gives NDCG weight 0: the reward no longer asks for the right item")
+    if cfg.num_candidates and cfg.hard_negatives >= cfg.num_candidates:
+        warnings.append(f"--hard-negatives {cfg.hard_negatives} >= --num-candidates {cfg.num_candidates}: "
+                        "every negative is hard")
+    if cfg.temperature < 0.3:
+        warnings.append(f"--temperature {cfg.temperature}: nearly greedy rollouts give groups with little contrast")
+    return warnings
+
+
+def differences(cfg: Config, base: Config | None = None) -> dict:
+    """Settings of `cfg` that differ from `base` (default: the defaults, or the tiny preset)."""
+    if base is None:
+        base = resolve_config({"model": cfg.model})
+    a, b = asdict(cfg), asdict(base)
+    return {k: v for k, v in a.items() if v != b[k]}

@@ -1,0 +1,150 @@
+"""A run's one-page summary: `python -m rerec_mini.report RUN_DIR` -> RUN_DIR/report.md (+ PNG curves).
+
+Reads only what the run wrote (train_config.json, metrics.jsonl, eval_*.json), so it works on a
+finished run, a stopped one, or one still training. The page answers "did it learn?": the
+held-out table before/after RL per query type beside the popularity shortcut, then the curves —
+reward and each term, hit rate, format / hallucination, KL, entropy, response length,
+zero-variance groups, time per phase. PNGs need matplotlib (`pip install -e ".[plot]"`);
+without it the page lists the curves' first / last values instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# (file stem, title, metrics drawn in it) -- names as Trainer.step logs them
+CURVES = [
+    ("reward", "reward and its terms", ["reward", "rewards/rec/mean", "rewards/qas/mean", "rewards/pas/mean",
+                                        "rewards/format/mean"]),
+    ("hit_rate", "hit rate (training rollouts)", ["hit_rate"]),
+    ("format", "format / hallucination", ["format_ok", "hallucination_rate"]),
+    ("kl_entropy", "KL to the reference, entropy", ["kl", "entropy"]),
+    ("length", "response length (tokens), truncated share", ["completions/mean_length", "completions/clipped_ratio"]),
+    ("zero_std", "groups with no reward contrast, RAAE-penalised tokens",
+     ["frac_reward_zero_std", "raae/penalised_token_frac"]),
+    ("time", "seconds per phase", ["time/sample", "time/score", "time/advantage", "time/update"]),
+]
+TABLE = ("hit@1", "ndcg@5", "format_ok", "hallucination", "qas", "pas", "response_len")
+
+
+def read_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def smooth(ys: list[float], k: int) -> np.ndarray:
+    """Moving average over k steps (single steps of a small batch are noisy)."""
+    ys = np.asarray(ys, float)
+    if k <= 1 or len(ys) < k:
+        return ys
+    return np.convolve(ys, np.ones(k) / k, mode="valid")
+
+
+def eval_table(evals: dict[str, dict]) -> list[str]:
+    """Markdown rows: one per (evaluation, query type), with the popularity reference."""
+    head = "| evaluation | type | n | " + " | ".join(TABLE) + " | popularity hit@1 |"
+    lines = [head, "|" + "---|" * (len(TABLE) + 4)]
+    for name, res in evals.items():
+        ref = (res.get("reference") or {}).get("popularity") or {}
+        for typ, row in [("all", res["overall"]), *res.get("by_type", {}).items()]:
+            pop = (ref.get("by_type", {}).get(typ, {}) if typ != "all" else ref.get("overall", {})).get("hit@1")
+            cells = " | ".join(f"{row[m]:.3f}" if m in row else "" for m in TABLE)
+            lines.append(f"| {name} | {typ} | {row['count']} | {cells} | {'' if pop is None else f'{pop:.3f}'} |")
+    return lines
+
+
+def plot_curves(run: Path, rl: list[dict]) -> list[str]:
+    """PNG per curve group; returns the file names written (none without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    steps = [r["step"] for r in rl]
+    k = max(1, len(rl) // 25)
+    for stem, title, keys in CURVES:
+        keys = [key for key in keys if any(key in r for r in rl)]
+        if not keys:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for key in keys:
+            ys = [r.get(key, np.nan) for r in rl]
+            ax.plot(steps[k - 1:] if len(ys) >= k else steps, smooth(ys, k), label=key)
+        ax.set_xlabel("RL step")
+        ax.set_title(title + (f" ({k}-step average)" if k > 1 else ""), fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run / f"curve_{stem}.png", dpi=100)
+        plt.close(fig)
+        written.append(f"curve_{stem}.png")
+    return written
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory")
+    cfg = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").exists() else {}
+    rows = read_rows(run)
+    rl = [r for r in rows if r.get("phase", "rl") == "rl" and "reward" in r]
+    sft = [r for r in rows if r.get("phase") == "sft"]
+    evals = {}
+    for name in ["sft", *sorted((p.stem[5:] for p in run.glob("eval_step*.json")), key=lambda s: int(s[4:])), "final"]:
+        path = run / f"eval_{name}.json"
+        if path.exists():
+            evals[name] = json.loads(path.read_text())
+    lines = [f"# Run report: {run.name}", ""]
+    if cfg:
+        lines.append(f"model `{cfg.get('model')}`, data `{cfg.get('data')}`, {cfg.get('max_steps')} RL steps of "
+                     f"{cfg.get('batch_size')} queries x {cfg.get('num_generations')} rollouts, "
+                     f"{cfg.get('sft_steps')} SFT steps, seed {cfg.get('seed')}.")
+        lines.append("")
+    if "sft" in evals and "final" in evals:
+        a, b = evals["sft"]["overall"]["hit@1"], evals["final"]["overall"]["hit@1"]
+        lines += [f"**Held-out hit@1: {a:.3f} after SFT -> {b:.3f} after RL ({b - a:+.3f}).**", ""]
+    if evals:
+        lines += ["## Held-out evaluation", ""] + eval_table(evals) + [""]
+    if sft:
+        lines += [f"SFT: {len(sft)} steps, loss {sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f}.", ""]
+    if rl:
+        lines += ["## Training curves", ""]
+        pngs = plot_curves(run, rl)
+        lines += [f"![{p}]({p})" for p in pngs]
+        if not pngs:  # no matplotlib: first and last values, averaged over a few steps
+            k = max(1, min(10, len(rl) // 4))
+            lines += ["| metric | first steps | last steps |", "|---|---|---|"]
+            for _, _, keys in CURVES:
+                for key in keys:
+                    vals = [r[key] for r in rl if key in r]
+                    if vals:
+                        lines.append(f"| {key} | {np.mean(vals[:k]):.4f} | {np.mean(vals[-k:]):.4f} |")
+        lines.append("")
+    out = run / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rerec_mini.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run's output directory")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(args.run))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""A training run's lifecycle: check everything, claim the output directory, resume, save, stop.
+
+    plan = prepare(flags)     # seconds, writes nothing: options, dataset, model, device, output dir
+    run = Run(plan)           # creates the directory, loads the model (or the checkpoint), banner
+    results = run.execute()   # SFT, RL, evaluations, checkpoints, metrics.jsonl, report.md
+
+`train(flags)` does all three. A user mistake anywhere in `prepare` is a `UsageError` (one line;
+the command lines exit 2) before any work is done and before anything is written.
+
+Output directory: `--output-dir`, else runs/<timestamp> in the current directory. A directory
+that already holds a run is refused unless `--resume` (continue it) or `--overwrite` (start over).
+Checkpoints `checkpoint-<step>` (RL) and `checkpoint-sft-<step>` hold the HF-format model, its
+tokenizer and `trainer_state/` (optimiser, RNGs, curriculum, counters, the config); they are
+written into `<name>.tmp`, every file fsynced, marked complete last, then renamed. Resume takes
+the newest complete checkpoint that loads, and says so when it has to fall back to an older one.
+The last step is always checkpointed, so a finished run continues with `--resume --max-steps N`;
+`final/` is a hard-linked copy of that checkpoint.
+
+Exit codes (train.py): 0 finished; 1 stopped by repeated NaN/inf losses (a checkpoint was
+written); 2 a usage error (nothing was done); 128 + N stopped by signal N after writing a
+checkpoint (130 for Ctrl-C/SIGINT, 143 for SIGTERM), so a scheduler can tell a preemption from
+a finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import HARMLESS, Config, UsageError, differences, resolve_config, validate
+from .data import QUERY_TYPES, DataError, Dataset, load_dataset
+from .model import ModelConfig, build_tiny, resolve_model_dir, save_model
+from .prompts import build_messages, render_sft_target
+from .trainer import Trainer, TrainingStopped
+
+RUNS_DIR = Path("runs")
+COMPLETE = "complete"  # the marker a checkpoint's trainer_state/ gets last
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device that exists here, else a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: this machine has no CUDA GPU visible to torch "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: rerec-mini runs on cpu or cuda")
+    return dev
+
+
+def dataset_texts(ds: Dataset) -> list[str]:
+    """What the tiny tokenizer is trained on: titles, attributes, requests, reasoning, prompts."""
+    texts = [it.title for it in ds.items.values()]
+    texts += ["; ".join(f"{r}: {', '.join(v)}" for r, v in it.attributes.items()) for it in ds.items.values()]
+    for q in ds.all_queries():
+        texts.append(q.text)
+        texts.append(render_sft_target(q, ds))
+    probe = ds.queries["train"][0]
+    texts += [m["content"] for m in build_messages(probe, ds, probe.ground_truth[:1], show_attributes=("genre",))]
+    return texts
+
+
+def dataset_hash(path: str | Path) -> str:
+    """sha256 over the dataset's files (names and bytes): a resumed run checks its data is unchanged."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".tsv")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (SFT ones before RL ones, then by step)."""
+    def order(p: Path):
+        parts = p.name.split("-")
+        return (0 if parts[1] == "sft" else 1, int(parts[-1]))
+    found = [p for p in out.glob("checkpoint-*") if not p.name.endswith(".tmp") and p.name.split("-")[-1].isdigit()]
+    return sorted((p for p in found if (p / "trainer_state" / COMPLETE).exists()), key=order)
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Open every file a resume reads; return its state.json. Raises ValueError naming the file."""
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: {e}") from None
+    for f in (path / "config.json", path / "trainer_state" / "state.json"):
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: {e}") from None
+    return state
+
+
+def newest_run(root: Path = RUNS_DIR) -> Path | None:
+    runs = [p for p in root.glob("*") if p.is_dir() and checkpoints(p)] if root.is_dir() else []
+    return max(runs, key=lambda p: max(c.stat().st_mtime for c in checkpoints(p))) if runs else None
+
+
+def holds_a_run(out: Path) -> bool:
+    return out.is_dir() and any((out / n).exists() for n in ("metrics.jsonl", "train_config.json", "final")) or \
+        any(out.glob("checkpoint-*"))
+
+
+def resume_command(out: Path) -> str:
+    return f"python train.py --output-dir {out} --resume"
+
+
+# ----------------------------------------------------------------------------- prepare: checks, no writes
+
+
+@dataclass
+class Plan:
+    """What `prepare` decided, before anything is written."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    ds: Dataset
+    data_hash: str
+    resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
+    overrides: dict = field(default_factory=dict)  # meaning-changing flags accepted on resume
+    warnings: list[str] = field(default_factory=list)
+
+
+def _absolute(flags: dict) -> dict:
+    """Paths as absolute paths: a checkpoint must work from any directory."""
+    out = dict(flags)
+    for key in ("data", "output_dir"):
+        if out.get(key):
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    if out.get("model") and Path(out["model"]).expanduser().exists():
+        out["model"] = str(Path(out["model"]).expanduser().resolve())
+    return out
+
+
+def prepare(flags: dict | Config) -> Plan:
+    """Every check a run needs, in seconds; raises UsageError (nothing written) on the first failure."""
+    flags = _absolute(asdict(flags) if isinstance(flags, Config) else dict(flags))
+    resume = flags.get("resume") or ""
+    resume_from: list[Path] = []
+    overrides: dict = {}
+    if resume:
+        if resume == "latest":
+            out = Path(flags["output_dir"]) if flags.get("output_dir") else newest_run(RUNS_DIR.resolve())
+            if out is None:
+                raise UsageError(f"--resume: no run with a checkpoint in {RUNS_DIR.resolve()}; "
+                                 "give --output-dir DIR or --resume PATH")
+            if not flags.get("output_dir"):
+                print(f"resuming the newest run in {RUNS_DIR}/: {out}")
+            resume_from = list(reversed(checkpoints(out)))
+            if not resume_from:
+                raise UsageError(f"--resume: no complete checkpoint in {out}; start it afresh with --overwrite")
+        else:
+            path = Path(resume).expanduser().resolve()
+            if not (path / "trainer_state").is_dir():
+                raise UsageError(f"--resume {resume}: not a checkpoint directory (no trainer_state/ inside)")
+            resume_from, out = [path], path.parent
+        saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").exists() \
+            else check_checkpoint(resume_from[0])["config"]
+        user = {k: v for k, v in flags.items() if k not in ("resume", "output_dir")}
+        cfg = resolve_config({**user, "output_dir": str(out), "resume": resume}, saved=saved)
+        changed = {k: (saved.get(k), v) for k, v in user.items() if k not in HARMLESS and saved.get(k) != v}
+        if changed and not flags.get("override_config"):
+            what = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in changed.items())
+            raise UsageError(f"--resume: {what} would change what the run computes; drop the flag(s), or add "
+                             "--override-config to accept (recorded in train_config.json)")
+        overrides = changed
+    else:
+        cfg = resolve_config(flags)
+        out = Path(cfg.output_dir) if cfg.output_dir else (RUNS_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()
+        cfg.output_dir = str(out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--output-dir {out}: is a file, not a directory")
+        if holds_a_run(out) and not cfg.overwrite:
+            raise UsageError(f"--output-dir {out} already holds a run; continue it with --resume, "
+                             "start over with --overwrite, or pick another directory")
+    warnings = validate(cfg)
+    device = pick_device(cfg.device)
+    if cfg.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            raise UsageError("--report-to tensorboard: install it first (pip install tensorboard)") from None
+
+    # the dataset
+    if not Path(cfg.data).is_dir():
+        raise UsageError(f"--data {cfg.data}: no such directory (format: data/README.md)")
+    try:
+        ds = load_dataset(cfg.data)
+    except DataError as e:
+        raise UsageError(f"--data: {e}") from None
+    if cfg.eval_split not in ds.queries:
+        raise UsageError(f"--eval-split {cfg.eval_split!r}: the dataset has splits {', '.join(ds.queries)}")
+    if not ds.queries.get("train"):
+        raise UsageError(f"--data {cfg.data}: queries/train.jsonl has no queries to train on")
+    if not ds.queries[cfg.eval_split]:
+        warnings.append(f"the {cfg.eval_split} split is empty: evaluations will be skipped")
+    if len(ds.interactions) == 0 and not cfg.no_pas:
+        warnings.append("the dataset has no interactions: PAS is constant 0 and teaches nothing (--no-pas)")
+    missing = [t for t in QUERY_TYPES if not any(q.type == t for q in ds.queries["train"])]
+    if missing:
+        warnings.append(f"no training queries of type {', '.join(missing)}")
+    data_hash = dataset_hash(cfg.data)
+    if resume:
+        saved_hash = json.loads((out / "train_config.json").read_text()).get("data_hash") \
+            if (out / "train_config.json").exists() else None
+        if saved_hash and saved_hash != data_hash and not cfg.override_config:
+            raise UsageError(f"--resume: the dataset at {cfg.data} changed since the run started "
+                             f"(content hash {saved_hash} -> {data_hash}); add --override-config to accept")
+
+    # the model (a fresh run starts from it; a resume reads the checkpoint's)
+    if cfg.model != "tiny" and not resume:
+        try:
+            hf = json.loads((resolve_model_dir(cfg.model) / "config.json").read_text())
+            ModelConfig.from_hf_dict(hf)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise UsageError(f"--model {cfg.model}: " + " ".join(str(e).split())) from None  # one line
+    return Plan(cfg, out, device, ds, data_hash, resume_from, overrides, warnings)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run in its output directory: owns the Trainer and every file of the run."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.cfg, self.out = plan, plan.cfg, plan.out
+        cfg = self.cfg
+        if cfg.overwrite and not plan.resume_from and self.out.is_dir():
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.start_dir = self._start_dir()
+        self.trainer = None
+        for ckpt in plan.resume_from or [None]:
+            try:
+                if ckpt is not None:
+                    state = check_checkpoint(ckpt)
+                ref = self.out / "reference" if (self.out / "reference").exists() else self.start_dir
+                self.trainer = Trainer(cfg, plan.ds, ckpt or self.start_dir, plan.device,
+                                       reference_dir=ref if ckpt is not None else None)
+                if ckpt is not None:
+                    self.trainer.load_state_dict(load_file(str(ckpt / "trainer_state" / "tensors.safetensors")), state)
+                    self.resumed_from = ckpt
+                break
+            except (ValueError, SafetensorError, OSError) as e:
+                if ckpt is None or ckpt == plan.resume_from[-1]:
+                    raise
+                print(f"warning: checkpoint {ckpt.name} cannot be read ({e}); falling back to an older one")
+        self.tb = None
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self._write_config()
+        if plan.resume_from:
+            self._truncate_metrics()
+        print(self.banner())
+        self.stop_signal: int | None = None
+
+    def _start_dir(self) -> Path:
+        """The weights a fresh run starts from: the model's directory, or `tiny` built into the run."""
+        cfg = self.cfg
+        if cfg.model != "tiny":
+            return resolve_model_dir(cfg.model)
+        path = self.out / "tiny-init"
+        if not (path / "config.json").exists():
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_tiny(tmp, dataset_texts(self.plan.ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
+                       num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed)
+            tmp.rename(path)
+        return path
+
+    def _write_config(self) -> None:
+        path = self.out / "train_config.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        record = {**asdict(self.cfg), "data_hash": self.plan.data_hash,
+                  "overrides": old.get("overrides", [])}
+        if self.plan.overrides:
+            record["overrides"].append({"at_step": self.trainer.step_no, "at_sft_step": self.trainer.sft_step_no,
+                                        "changed": {k: {"was": a, "now": b} for k, (a, b) in self.plan.overrides.items()}})
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+    def banner(self) -> str:
+        cfg, tr, ds = self.cfg, self.trainer, self.plan.ds
+        what = f"resuming {self.resumed_from.name} (step {tr.step_no}, {tr.phase})" \
+            if self.plan.resume_from else "new run"
+        precision = "bf16 autocast, bf16 sampling copy" if tr.bf16 else "fp32"
+        n_test = len(ds.queries.get(cfg.eval_split, []))
+        lines = [
+            "rerec-mini train",
+            f"  output    {self.out}  ({what})",
+            f"  device    {self.plan.device} ({precision})",
+            f"  model     {cfg.model} -> {self.start_dir} ({tr.model.num_parameters():,} parameters)",
+            f"  data      {cfg.data}: {len(ds.items):,} items, {len(ds.queries['train']):,} train / "
+            f"{n_test:,} {cfg.eval_split} queries",
+        ]
+        diff = {k: v for k, v in differences(cfg).items() if k not in ("output_dir", "resume", "data", "model")}
+        lines.append("  settings  " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "defaults"))
+        if self.plan.overrides:
+            lines.append("  override  " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.plan.overrides.items()))
+        lines += [f"  warning   {w}" for w in self.plan.warnings]
+        return "\n".join(lines)
+
+    # --- files
+
+    def log(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row.get("step", row.get("sft_step", 0))
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "sft_step"):
+                    self.tb.add_scalar(f"{row.get('phase', 'rl')}/{k}", v, step)
+
+    def _truncate_metrics(self) -> None:
+        """Drop rows the interrupted run wrote after the checkpoint we resume from."""
+        path, tr = self.out / "metrics.jsonl", self.trainer
+        if not path.exists():
+            return
+        def before(row):
+            if row.get("phase") == "sft":
+                return tr.phase == "rl" or row["sft_step"] <= tr.sft_step_no
+            return tr.phase == "rl" and row.get("step", 0) <= tr.step_no
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and before(json.loads(ln))]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(self) -> Path:
+        """An atomic checkpoint: HF-format model + tokenizer, then trainer_state/, fsynced, marked
+        complete, renamed into place; older checkpoints beyond --save-total-limit deleted."""
+        tr = self.trainer
+        name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
+        final = self.out / name
+        tmp = final.with_name(name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(tr.model, tmp)
+        tr.tokenizer.save_pretrained(str(tmp))
+        tensors, state = tr.state_dict()
+        (tmp / "trainer_state").mkdir()  # a subdirectory: the top level stays a plain HF model directory
+        save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
+        state["config"] = asdict(self.cfg)
+        (tmp / "trainer_state" / "state.json").write_text(json.dumps(state) + "\n")
+        _fsync_tree(tmp)
+        (tmp / "trainer_state" / COMPLETE).write_text(f"{name}\n")  # last: everything above is on disk
+        _fsync_tree(tmp / "trainer_state")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _fsync_dir(self.out)
+        if self.cfg.save_total_limit > 0:
+            for old in checkpoints(self.out)[:-self.cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def save_reference(self) -> None:
+        """The weights RL starts from, for a resume to rebuild the frozen reference (after SFT only:
+        without SFT the start directory already holds them)."""
+        ref = self.out / "reference"
+        tmp = ref.with_name("reference.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(self.trainer.model, tmp)
+        _fsync_tree(tmp)
+        shutil.rmtree(ref, ignore_errors=True)
+        tmp.rename(ref)
+
+    def write_eval(self, name: str, result: dict) -> None:
+        (self.out / f"eval_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def finish(self, last: Path) -> None:
+        """`final/`: a hard-linked copy of the last checkpoint (no second copy of the weights)."""
+        final = self.out / "final"
+        tmp = self.out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(last, tmp, copy_function=os.link)
+        except OSError:  # a filesystem without hard links
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(last, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    # --- the loop
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        tqdm.write(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
+
+    def _stopped(self, where: str) -> TrainingStopped:
+        tr = self.trainer
+        name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
+        ckpt = self.out / name if (self.out / name / "trainer_state" / COMPLETE).exists() else self.save()
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "request"
+        return TrainingStopped(f"stopped by {name} {where}; checkpoint {ckpt.name} written. Resume with:\n"
+                               f"    {resume_command(self.out)}", signum=self.stop_signal)
+
+    def evaluate(self, name: str) -> dict | None:
+        if not self.plan.ds.queries[self.cfg.eval_split]:
+            return None
+        result = self.trainer.evaluate()
+        self.write_eval(name, result)
+        return result
+
+    def execute(self, until_step: int | None = None) -> dict:
+        """SFT (if asked), then RL to --max-steps; returns the evaluations {"sft", "final"}.
+
+        until_step: stop as if signalled after that RL step (tests of resume)."""
+        cfg, tr = self.cfg, self.trainer
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        results = {}
+        try:
+            if tr.phase == "sft":
+                if cfg.sft_steps > tr.sft_step_no:
+                    with tqdm(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft", dynamic_ncols=True) as bar:
+                        while tr.sft_step_no < cfg.sft_steps:
+                            row = tr.sft_step()
+                            self.log(row)
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{row['loss']:.3f}")
+                            if self.stop_signal:
+                                raise self._stopped(f"at SFT step {tr.sft_step_no}")
+                            if tr.sft_step_no % cfg.save_steps == 0 and tr.sft_step_no < cfg.sft_steps:
+                                self.save()
+                    tr.sync_rollout_model()  # evaluation samples from the copy: it must see SFT's weights
+                    results["sft"] = self.evaluate("sft")
+                    if results["sft"]:
+                        print(summary_line("after SFT", results["sft"]))
+                tr.start_rl()
+                if cfg.beta != 0 and cfg.sft_steps > 0:
+                    self.save_reference()
+            if tr.step_no >= cfg.max_steps and (self.out / "final").exists():
+                print(f"the run already finished at step {tr.step_no}; pass a larger --max-steps to continue it")
+                return {"final": json.loads((self.out / "eval_final.json").read_text())} \
+                    if (self.out / "eval_final.json").exists() else {}
+            last = None
+            with tqdm(total=cfg.max_steps, initial=tr.step_no, desc="rl", dynamic_ncols=True) as bar:
+                while tr.step_no < cfg.max_steps:
+                    try:
+                        row = tr.step()
+                    except TrainingStopped as e:  # repeated NaN: the skipped updates left the weights intact
+                        raise TrainingStopped(f"{e}; checkpoint {self.save().name} written. Resume (after "
+                                              f"changing the settings, with --override-config) with:\n"
+                                              f"    {resume_command(self.out)}") from None
+                    if tr.step_no % cfg.logging_steps == 0 or tr.step_no == cfg.max_steps:
+                        self.log(row)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", kl=f"{row['kl']:.4f}")
+                    if cfg.eval_steps and tr.step_no % cfg.eval_steps == 0 and tr.step_no < cfg.max_steps:
+                        res = self.evaluate(f"step{tr.step_no}")
+                        if res:
+                            self.log({"phase": "eval", "step": tr.step_no, **res["overall"]})
+                    if tr.step_no % cfg.save_steps == 0 or tr.step_no == cfg.max_steps:
+                        last = self.save()
+                    if self.stop_signal or tr.step_no == until_step:
+                        raise self._stopped(f"at step {tr.step_no}")
+            last = last or self.save()
+            self.finish(last)
+            if cfg.max_steps == 0 and results.get("sft"):  # nothing changed since the SFT evaluation
+                results["final"] = results["sft"]
+                self.write_eval("final", results["sft"])
+            else:
+                results["final"] = self.evaluate("final")
+            if results["final"]:
+                print(summary_line("final", results["final"]))
+            self.report()
+            return results
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self.tb is not None:
+                self.tb.flush()
+
+    def report(self) -> None:
+        from .report import write_report  # the last stage: it reads what the run wrote
+        try:
+            path = write_report(self.out)
+            print(f"report: {path}")
+        except Exception as e:  # a report must never cost a finished run
+            print(f"warning: report.md not written ({type(e).__name__}: {e}); "
+                  f"try python -m rerec_mini.report {self.out}")
+
+
+def summary_line(name: str, result: dict) -> str:
+    o = result["overall"]
+    ref = ((result.get("reference") or {}).get("popularity") or {}).get("overall", {}).get("hit@1")
+    pop = f"  (popularity baseline {ref:.3f})" if ref is not None else ""
+    return (f"[{name}] hit@1 {o['hit@1']:.3f}{pop}  ndcg@5 {o['ndcg@5']:.3f}  format_ok {o['format_ok']:.3f}  "
+            f"hallucination {o['hallucination']:.3f}  n={o['count']}")
+
+
+def train(flags: dict | Config, until_step: int | None = None) -> dict:
+    """Check, set up and run; see the module docstring."""
+    return Run(prepare(flags)).execute(until_step=until_step)

@@ -1,0 +1,29 @@
+"""The benchmarks' code paths run (figures are recorded in BENCHMARKS.md, never asserted here)."""
+
+import json
+
+from rerec_mini.bench import gpu
+
+
+def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
+    """`python -m rerec_mini.bench gpu --smoke`: the GPU check's parts with reduced sizes, on CPU."""
+    assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    parts = res["parts"]
+    assert set(parts) == {"graph", "sampler", "train", "real"} and not any("error" in p for p in parts.values())
+    assert parts["graph"]["identical_rows"] == parts["graph"]["rows"]
+    assert parts["sampler"]["ratio"] > 0 and parts["sampler"]["floor_ms_per_step"] > 0
+    assert parts["train"]["update_tokens"] > 0 and parts["train"]["update_model_tflops"] > 0
+    assert "hit@1" in parts["real"]["final"]["overall"]
+    md = (tmp_path / "gpu.md").read_text()
+    assert all(f"## {name}" in md for name in parts)
+
+
+def test_gpu_check_records_a_failing_part_and_runs_the_others(tmp_path, monkeypatch):
+    def boom(smoke):
+        raise RuntimeError("simulated")
+    monkeypatch.setattr(gpu, "part_graph", boom)
+    assert gpu.main(["--smoke", "--out", str(tmp_path), "--parts", "graph,train"]) == 1
+    parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
+    assert parts["graph"]["error"] == "RuntimeError: simulated" and "Traceback" in parts["graph"]["traceback"]
+    assert "update_tokens" in parts["train"]
