@@ -100,6 +100,11 @@ class Config:
     sft_learning_rate: float = _opt(1e-5, "AdamW learning rate of the SFT warm start")
     sft_batch_size: int = _opt(16, "queries per SFT step")
     sft_prompt_weight: float = _opt(0.0, "SFT: weight of a language-model loss on the prompt tokens (from-scratch models)")
+    sft_fresh: int = _opt(0, "SFT on this many freshly generated queries per type (the query generator run on the "
+                             "dataset's catalogue and histories, none the same question as a train or test query) "
+                             "instead of the train split: RL then trains on queries SFT has not memorised")
+    sft_facts: int = _opt(0, "SFT: catalogue fact passages per step, with a language-model loss: the film knowledge a "
+                             "pretrained LLM brings, for a model trained from scratch")
     # evaluation, logging and checkpoints
     eval_steps: int = _opt(0, "evaluate on held-out queries every N RL steps (0: only after SFT and at the end)")
     eval_limit: int = _opt(0, "held-out queries per evaluation, the types in turn (0: all)")
@@ -112,6 +117,8 @@ class Config:
     tiny_layers: int = _opt(4, "tiny: transformer layers")
     tiny_hidden: int = _opt(256, "tiny: hidden size")
     tiny_vocab: int = _opt(2048, "tiny: BPE vocabulary size")
+    tiny_units: bool = _opt(True, "tiny: every title and person / genre / place name is one token (--no-tiny-units: "
+                                  "BPE pieces)")
 
 
 # `python train.py --model tiny` is the offline demo: these replace the defaults above for any
@@ -194,6 +201,8 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
     need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")
+    need(cfg.sft_facts >= 0, "sft_facts", "must be >= 0")
+    need(cfg.sft_fresh >= 0, "sft_fresh", "must be >= 0 (0: SFT on the train split)")
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0 (0: all)")
     need(cfg.logging_steps >= 1, "logging_steps", "must be >= 1")

@@ -228,6 +228,26 @@ def render_prompt(query: Query, dataset: Dataset, candidates: Sequence[str] | No
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# The noun a fact sentence uses for a relation ("the director of X is ..."), as the gold reasoning does.
+_FACT_NOUN = {"director": "director", "writer": "writer", "starring": "lead actor", "genre": "genre",
+              "country": "country", "language": "language", "decade": "decade", "year": "year"}
+
+
+def item_facts(item: Item, rng: random.Random) -> str:
+    """One item's knowledge-graph facts as short sentences, in a random order, in the phrasings the
+    gold reasoning uses ("Its writer is Bea Pike.", "X has genre: Horror."): what a pretrained LLM
+    knows about a film, for a model trained from scratch to learn (SFT's fact rows)."""
+    facts = []
+    for rel, values in item.attributes.items():
+        if not values:
+            continue
+        noun = _FACT_NOUN.get(rel, rel)
+        facts.append(rng.choice([f"{item.title} has {rel}: {', '.join(values)}.",
+                                 f"The {noun} of {item.title} is {values[0]}."]))
+    rng.shuffle(facts)
+    return " ".join(facts)
+
+
 def render_sft_target(query: Query, dataset: Dataset) -> str:
     """The gold reasoning the SFT warm start imitates (answer size 1).
 

@@ -419,3 +419,31 @@ def build_queries(
             q.query_id = f"{split}-{qtype}-{k:05d}"
             splits[split].append(q)
     return splits, dict(sorted(report.items()))
+
+
+def signature(q: Query) -> tuple:
+    """What makes two queries the same question with the same answer, whatever their wording:
+    the type and resolved conditions, the anchor of a hop or a false claim, and (interest) the user
+    and what they watched next. Demographic queries are told apart by their text only: every group's
+    favourites are the same answer, so a group appears in several splits by construction."""
+    if q.type == "demographic":
+        return (q.type, q.text)
+    anchor = q.hop or q.misinformation
+    return (q.type, tuple(sorted(map(tuple, q.conditions))), anchor.item_id if anchor else None,
+            q.user_id if q.type == "interest" else None, tuple(sorted(q.ground_truth)) if q.type == "interest" else ())
+
+
+def fresh_queries(items: list[Item], histories: dict[str, list[str]], users: dict[str, User], *,
+                  per_type: int, seed: int, exclude: list[Query], max_gt: int = 10) -> list[Query]:
+    """Up to `per_type` new queries of each type from a dataset's own catalogue and histories, none of
+    them the same question as any query in `exclude` (by `signature`): warm-start data that neither
+    the RL training queries nor the held-out ones share, so SFT cannot memorise their answers."""
+    taken = {signature(q) for q in exclude}
+    built, _ = build_queries(items, histories, users, per_type=per_type, seed=seed, test_frac=0.0, max_gt=max_gt)
+    out = []
+    for k, q in enumerate(built["train"]):
+        if signature(q) not in taken:
+            taken.add(signature(q))
+            q.query_id = f"fresh-{seed}-{k:05d}"
+            out.append(q)
+    return out

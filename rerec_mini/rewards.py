@@ -87,6 +87,7 @@ class Scorer:
                                  self.config.cache_dir)  # [I, d], unit rows
         self._targets: dict[str, Target] = {}
         self._matches: dict[tuple, str | None] = {}  # (entry, candidates) -> item id: rollouts repeat titles
+        self._relevant: dict[tuple, np.ndarray] = {}  # (query id, candidates) -> relevant item rows
 
     # --- per query / per rollout work (the only Python loops)
 
@@ -143,8 +144,14 @@ class Scorer:
         gt = self.target(query).gt
         if candidates is None:
             return gt
-        shown = gt[np.isin(gt, [self.dataset.item_index[i] for i in candidates])]
-        return shown if len(shown) else gt
+        key = (query.query_id, tuple(candidates))  # the G rollouts of a query share their candidates
+        shown = self._relevant.get(key)
+        if shown is None:
+            if len(self._relevant) > 200_000:
+                self._relevant.clear()
+            shown = gt[np.isin(gt, [self.dataset.item_index[i] for i in candidates])]
+            shown = self._relevant[key] = shown if len(shown) else gt
+        return shown
 
     def score_answers(self, queries: list[Query], answers: list[Answer],
                       candidates: list[list[str] | None] | None = None) -> RewardBreakdown:

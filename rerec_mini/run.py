@@ -81,6 +81,21 @@ def dataset_texts(ds: Dataset) -> list[str]:
     return texts
 
 
+def tiny_units(ds: Dataset) -> list[str]:
+    """What the tiny tokenizer keeps whole (--tiny-units): every title and every attribute value
+    but years (four digits; they appear inside every title anyway)."""
+    units = {it.title for it in ds.items.values()}
+    units |= {v for it in ds.items.values() for rel, vs in it.attributes.items() if rel != "year" for v in vs}
+    return sorted(units)
+
+
+def build_tiny_start(cfg: Config, ds: Dataset, path: Path) -> Path:
+    """`--model tiny`: a random-init model and a tokenizer trained on the dataset, per the tiny_* flags."""
+    return build_tiny(path, dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
+                      num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed,
+                      units=tiny_units(ds) if cfg.tiny_units else ())
+
+
 def dataset_hash(path: str | Path) -> str:
     """sha256 over the dataset's files (names and bytes): a resumed run checks its data is unchanged."""
     root = Path(path)
@@ -302,16 +317,13 @@ class Run:
 
     def _start_dir(self) -> Path:
         """The weights a fresh run starts from: the model's directory, or `tiny` built into the run."""
-        cfg = self.cfg
-        if cfg.model != "tiny":
-            return resolve_model_dir(cfg.model)
+        if self.cfg.model != "tiny":
+            return resolve_model_dir(self.cfg.model)
         path = self.out / "tiny-init"
         if not (path / "config.json").exists():
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            build_tiny(tmp, dataset_texts(self.plan.ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
-                       num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed)
-            tmp.rename(path)
+            build_tiny_start(self.cfg, self.plan.ds, tmp).rename(path)
         return path
 
     def _write_config(self) -> None:
@@ -464,6 +476,7 @@ class Run:
                                 raise self._stopped(f"at SFT step {tr.sft_step_no}")
                             if tr.sft_step_no % cfg.save_steps == 0 and tr.sft_step_no < cfg.sft_steps:
                                 self.save()
+                    self.save()  # the SFT model: the start of every RL variant (ablate.py), and resumable
                     tr.sync_rollout_model()  # evaluation samples from the copy: it must see SFT's weights
                     results["sft"] = self.evaluate("sft")
                     if results["sft"]:

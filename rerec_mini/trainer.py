@@ -37,7 +37,8 @@ from .data import Dataset, Query
 from .evaluate import evaluate_policy, stratified_head
 from .grpo import StepNorm, loss_type_name, policy_loss
 from .model import CausalLM, load_model, load_tokenizer, token_logprobs
-from .prompts import CandidateSampler, build_messages, eos_ids, render_sft_target, turn_end_id
+from .querygen import fresh_queries
+from .prompts import CandidateSampler, build_messages, eos_ids, item_facts, render_sft_target, turn_end_id
 from .rewards import RewardBreakdown, RewardConfig, Scorer
 from .sampling import DecoderPool, generate
 
@@ -129,6 +130,7 @@ class Trainer:
         self.curriculum = make_curriculum(cfg.curriculum, len(self.train_queries), seed=cfg.seed, tau=cfg.tau,
                                           batch_size=cfg.batch_size, total_steps=cfg.max_steps)
         self.phase, self.step_no, self.sft_step_no, self.nan_streak = "sft", 0, 0, 0
+        self._sft_queries: list[Query] | None = None  # built on first use (sft_queries)
         self.optimizer = self._optimizer(cfg.sft_learning_rate if cfg.sft_steps else cfg.learning_rate)
 
     # ------------------------------------------------------------------------- setup
@@ -141,7 +143,7 @@ class Trainer:
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.99),
                                  weight_decay=self.cfg.weight_decay, eps=1e-8)
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def lr_at(self, step: int, base: float) -> float:
@@ -183,37 +185,63 @@ class Trainer:
 
     # ------------------------------------------------------------------------- SFT warm start
 
+    def sft_queries(self) -> list[Query]:
+        """The warm start's queries: the train split, or (--sft-fresh N) N new queries per type that
+        are none of the train or test queries. Deterministic for a seed (a resume rebuilds the same)."""
+        if self._sft_queries is None:
+            if self.cfg.sft_fresh:
+                ds = self.ds
+                histories = {u: ds.history(u) for u in ds.interactions.user_ids}
+                self._sft_queries = fresh_queries(list(ds.items.values()), histories, ds.users,
+                                                  per_type=self.cfg.sft_fresh, seed=self.cfg.seed + 7919,
+                                                  exclude=ds.all_queries())
+            else:
+                self._sft_queries = self.train_queries
+        return self._sft_queries
+
     def sft_step(self) -> dict:
-        """One teacher-forced step on gold reasoning (+ optionally an LM loss on the prompt)."""
+        """One teacher-forced step on gold reasoning (+ optionally an LM loss on the prompt, and on
+        --sft-facts passages of catalogue facts)."""
         cfg, s = self.cfg, self.sft_step_no
         # Epoch e visits the queries in a seeded order, each with freshly drawn candidates (a new
         # candidate seed per epoch: the model must read the list, not memorise it).
-        per_epoch = max(1, len(self.train_queries) // cfg.sft_batch_size)
+        pool = self.sft_queries()
+        per_epoch = max(1, len(pool) // cfg.sft_batch_size)
         epoch, k = divmod(s, per_epoch)
-        order = random.Random(f"{cfg.seed}:sft:{epoch}").sample(range(len(self.train_queries)), len(self.train_queries))
+        order = random.Random(f"{cfg.seed}:sft:{epoch}").sample(range(len(pool)), len(pool))
         rows = []
         for i in order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]:
-            q = self.train_queries[i]
+            q = pool[i]
             cands = self.candidates.sample(q, cfg.num_candidates, cfg.hard_negatives, seed=cfg.seed + 1000 * (epoch + 1),
                                            negatives=cfg.negatives)
             # The target ends with the token the chat template closes an assistant turn with
             # (<|im_end|>, Llama-3's <|eot_id|>): what the model must emit to stop.
             target = self.tokenizer.encode(render_sft_target(q, self.ds), add_special_tokens=False) + [self.turn_end]
             rows.append((self.prompt_ids(q, cands), target))
+        # Fact passages (a model from scratch knows no film): the whole passage is the target.
+        rng = random.Random(f"{cfg.seed}:facts:{s}")
+        items = list(self.ds.items.values())
+        for _ in range(cfg.sft_facts):
+            ids = self.tokenizer.encode(item_facts(rng.choice(items), rng), add_special_tokens=False)
+            rows.append((ids[:1], ids[1:]))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(s, cfg.sft_learning_rate)
         self.model.train()
         ids, mask = self._pack([p for p, _ in rows], [c for _, c in rows])
+        fact = mask & (torch.arange(len(rows), device=ids.device) >= len(rows) - cfg.sft_facts)[:, None]
+        gold = mask & ~fact
         # The prompt's own tokens (after the first) are scored too when they carry weight: a model
         # trained from scratch has no pretraining, and predicting the candidate lines teaches it the
         # catalogue and how to copy from the context.
         lengths = torch.tensor([len(p) + len(c) for p, c in rows], device=ids.device)
         prompt = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]) & ~mask
         prompt[:, 0] = False
-        with self._autocast():
+        with self.autocast():
             lp = token_logprobs(self.model, ids, mask | prompt if cfg.sft_prompt_weight else mask,
                                 chunk_size=cfg.logprob_chunk)
-        loss = -(lp * mask).sum() / mask.sum()
+        loss = -(lp * gold).sum() / gold.sum()
+        if cfg.sft_facts:
+            loss = loss - (lp * fact).sum() / fact.sum().clamp(min=1)
         if cfg.sft_prompt_weight:
             loss = loss - cfg.sft_prompt_weight * (lp * prompt).sum() / prompt.sum()
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,10 +255,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------- one RL step
 
-    def rollout(self) -> Batch:
+    def rollout(self, queries: list[Query] | None = None) -> Batch:
+        """G samples for each of B queries: the curriculum's next batch, or the given queries (explain.py)."""
         cfg = self.cfg
-        idx = self.curriculum.next_batch(cfg.batch_size)
-        queries = [self.train_queries[i] for i in idx]
+        idx = None
+        if queries is None:
+            idx = self.curriculum.next_batch(cfg.batch_size)
+            queries = [self.train_queries[i] for i in idx]
         cands = [self.candidates.sample(q, cfg.num_candidates, cfg.hard_negatives, seed=cfg.seed,
                                         negatives=cfg.negatives) for q in queries]
         prompts = [self.prompt_ids(q, c) for q, c in zip(queries, cands)]
@@ -251,21 +282,33 @@ class Trainer:
         rep_c = [c for c in b.candidates for _ in range(G)]
         return self.scorer.score(rep_q, b.texts, rep_c)
 
-    def advantages(self, b: Batch, r: RewardBreakdown) -> raae.Advantages:
-        """Token advantages per rollout: group-normalised, lowered on RAAE's wrong segments."""
+    def wrong_segments(self, b: Batch, r: RewardBreakdown) -> list[list[tuple[int, int]]]:
+        """Per rollout, the char spans of RAAE's wrong segments: the reasoning that mentions a wrong
+        top item (the paper's rule), and with --raae-claims false claims about an item."""
         cfg, G = self.cfg, self.cfg.num_generations
-        penalised = []
-        for k, (text, spans) in enumerate(zip(b.texts, b.spans)):
+        out = []
+        for k, text in enumerate(b.texts):
             wrong = []
             if not cfg.no_raae and r.parsed[k]:
                 top = self.ds.items[r.parsed[k][0]]
-                claims = self._claims(b.queries[k // G], b.candidates[k // G], r.parsed[k]) if cfg.raae_claims else ()
+                claims = self.claims(b.queries[k // G], b.candidates[k // G], r.parsed[k]) if cfg.raae_claims else ()
                 wrong = raae.wrong_segments(text, top.title, bool(r.hit[k]), claims=claims)
-            penalised.append(raae.in_spans(spans, wrong))
-        return raae.group_advantages(penalised, r.total, G, penalty=cfg.raae_penalty, scale=cfg.scale_rewards,
-                                     floor=cfg.raae_floor, mode=cfg.raae_advantage)
+            out.append(wrong)
+        return out
 
-    def _claims(self, q: Query, cands, parsed):
+    def advantages(self, b: Batch, r: RewardBreakdown) -> raae.Advantages:
+        """Token advantages per rollout: group-normalised, lowered on RAAE's wrong segments."""
+        cfg = self.cfg
+        penalised = [raae.in_spans(spans, wrong) for spans, wrong in zip(b.spans, self.wrong_segments(b, r))]
+        return raae.group_advantages(penalised, r.total, cfg.num_generations, penalty=cfg.raae_penalty,
+                                     scale=cfg.scale_rewards, floor=cfg.raae_floor, mode=cfg.raae_advantage)
+
+    def difficulties(self, r: RewardBreakdown) -> list[float]:
+        """Each query's difficulty from its G rollouts (what the curriculum learns from)."""
+        G = self.cfg.num_generations
+        return [difficulty(r.rec[i:i + G], r.total[i:i + G], self.cfg.difficulty_metric) for i in range(0, len(r.rec), G)]
+
+    def claims(self, q: Query, cands, parsed):
         """(title, conditions it lacks) for the items a rollout could talk about."""
         out = []
         for iid in dict.fromkeys(list(cands or []) + list(parsed)):
@@ -275,26 +318,40 @@ class Trainer:
                 out.append((it.title, lacking))
         return out
 
+    def trained_rows(self, b: Batch) -> list[int]:
+        """The rollouts the update trains on (truncated ones masked unless --keep-truncated),
+        longest first so that each micro-batch pads little."""
+        G = self.cfg.num_generations
+        rows = [r for r in range(len(b.completions)) if b.completions[r]]
+        if not self.cfg.keep_truncated:
+            rows = [r for r in rows if not b.truncated[r]]
+        return sorted(rows, key=lambda r: len(b.prompt_ids[r // G]) + len(b.completions[r]), reverse=True)
+
+    def micro_batch(self, b: Batch, adv: list[np.ndarray], rows: list[int]) -> dict:
+        """Tensors of the given rollouts: ids and mask [n, T], advantages and sampler log-probs [n, T]."""
+        G = self.cfg.num_generations
+        ids, mask = self._pack([b.prompt_ids[r // G] for r in rows], [b.completions[r] for r in rows])
+        a = torch.zeros(mask.shape, dtype=torch.float32)
+        slp = torch.zeros(mask.shape, dtype=torch.float32)
+        for j, r in enumerate(rows):
+            a[j, mask[j].cpu()] = torch.from_numpy(adv[r])
+            slp[j, mask[j].cpu()] = torch.tensor(b.sampler_logprobs[r], dtype=torch.float32)
+        return {"ids": ids, "mask": mask, "adv": a.to(self.device), "sampler": slp.to(self.device)}
+
+    def micro_batches(self, b: Batch, adv: list[np.ndarray]) -> tuple[list[int], list[dict], StepNorm]:
+        """(trained rows, their micro-batches of --micro-batch-size rollouts, the step's normaliser)."""
+        cfg = self.cfg
+        rows = self.trained_rows(b)
+        micro = [self.micro_batch(b, adv, rows[i:i + cfg.micro_batch_size])
+                 for i in range(0, len(rows), cfg.micro_batch_size)]
+        norm = StepNorm(tokens=int(sum(m["mask"].sum() for m in micro)), seqs=len(rows),
+                        max_len=cfg.max_completion_length, micro_batches=len(micro))
+        return rows, micro, norm
+
     def update(self, b: Batch, adv: list[np.ndarray]) -> dict:
         """mu optimiser steps of the GRPO loss over length-sorted micro-batches."""
         cfg, G = self.cfg, self.cfg.num_generations
-        rows = [r for r in range(len(b.completions)) if b.completions[r]]
-        if not cfg.keep_truncated:
-            rows = [r for r in rows if not b.truncated[r]]
-        # Sort by length so each micro-batch pads little; then fixed tensors per micro-batch.
-        rows.sort(key=lambda r: len(b.prompt_ids[r // G]) + len(b.completions[r]), reverse=True)
-        micro = []
-        for i in range(0, len(rows), cfg.micro_batch_size):
-            rs = rows[i:i + cfg.micro_batch_size]
-            ids, mask = self._pack([b.prompt_ids[r // G] for r in rs], [b.completions[r] for r in rs])
-            a = torch.zeros(mask.shape, dtype=torch.float32)
-            slp = torch.zeros(mask.shape, dtype=torch.float32)
-            for j, r in enumerate(rs):
-                a[j, mask[j].cpu()] = torch.from_numpy(adv[r])
-                slp[j, mask[j].cpu()] = torch.tensor(b.sampler_logprobs[r], dtype=torch.float32)
-            micro.append({"ids": ids, "mask": mask, "adv": a.to(self.device), "sampler": slp.to(self.device)})
-        norm = StepNorm(tokens=int(sum(m["mask"].sum() for m in micro)), seqs=len(rows),
-                        max_len=cfg.max_completion_length, micro_batches=len(micro))
+        rows, micro, norm = self.micro_batches(b, adv)
         lengths = [len(b.prompt_ids[r // G]) + len(b.completions[r]) for r in rows]
         stats = {"kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "loss": 0.0, "skipped_updates": 0,
                  "clip_ratio/region_mean": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
@@ -304,7 +361,7 @@ class Trainer:
                  "update_seq_sq": sum(n * n for n in lengths)}  # the last three: the MFU count (bench)
         if not micro:
             return stats
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             if self.ref is not None:
                 if cfg.ref_offload:
                     self.ref.to(self.device)
@@ -325,7 +382,7 @@ class Trainer:
             sums = dict.fromkeys(("kl_sum", "clipped_sum", "clipped_low_sum", "clipped_high_sum", "tokens",
                                   "entropy_sum", "loss", "diff_sum", "diff_max", "off"), 0.0)
             for m in micro:
-                with self._autocast():
+                with self.autocast():
                     lp, ent = token_logprobs(self.model, m["ids"], m["mask"], temperature=cfg.temperature,
                                              chunk_size=cfg.logprob_chunk, with_entropy=True)
                 old = m.get("old", lp.detach())
@@ -379,9 +436,7 @@ class Trainer:
         r = self.score(b)
         t2 = time.perf_counter()
         adv = self.advantages(b, r)
-        diffs = [difficulty(r.rec[i * G:(i + 1) * G], r.total[i * G:(i + 1) * G], cfg.difficulty_metric)
-                 for i in range(len(b.queries))]
-        self.curriculum.update(self._batch_idx, diffs)
+        self.curriculum.update(self._batch_idx, self.difficulties(r))
         t3 = time.perf_counter()
         up = self.update(b, adv.tokens)
         t4 = time.perf_counter()

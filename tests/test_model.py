@@ -216,3 +216,20 @@ def test_tiny_is_built_once_from_the_dataset(tmp_path, monkeypatch):
     assert tiny_model_dir(data, **TINY) == d and (d / "model.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(FileNotFoundError, match="items.jsonl"):
         tiny_model_dir(tmp_path / "nowhere")
+
+
+def test_tiny_units_are_single_tokens_and_decode_back(tmp_path):
+    from rerec_mini.model import build_tiny, load_tokenizer
+    units = ["The Detective of Empires (1970)", "Bea Pike", "Horror", "1990s"]
+    texts = ["Request: I loved The Detective of Empires (1970). More by Bea Pike, Horror from the 1990s."] * 20
+    path = build_tiny(tmp_path / "m", texts, vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=32, units=units)
+    tok = load_tokenizer(path)
+    for u in units:
+        assert len(tok.encode(u, add_special_tokens=False)) == 1, u
+    s = "I loved The Detective of Empires (1970) and Bea Pike's Horror films of the 1990s."
+    ids = tok.encode(s, add_special_tokens=False)
+    assert tok.decode(ids) == s
+    assert tok.convert_tokens_to_ids("Bea Pike") in ids
+    assert "Horrors" not in [tok.decode([i]) for i in tok.encode("Horrors", add_special_tokens=False)]  # whole words only
+    assert json.loads((path / "config.json").read_text())["vocab_size"] >= len(tok)

@@ -387,3 +387,14 @@ def test_match_answer_order_repeats_and_hallucinations():
     # "Heat" alone is ambiguous in the catalogue: unmatched, unless the candidates decide it
     assert match_answer(["Heat"], index) == ([], 1)
     assert match_answer(["Heat"], index, ["h86", "j"]) == (["h86"], 0)
+
+
+def test_item_facts_state_every_relation_in_the_reasoning_phrasings():
+    import random as _random
+    from rerec_mini.prompts import item_facts
+    item = Item("x", "Heat (1995)", {"genre": ["Crime", "Drama"], "director": ["Michael Mann"], "starring": ["Al Pacino"]})
+    text = item_facts(item, _random.Random(0))
+    assert text.count("Heat (1995)") == 3 and "Michael Mann" in text and "Al Pacino" in text and "Crime" in text
+    phrasings = {item_facts(item, _random.Random(s)) for s in range(20)}
+    assert len(phrasings) > 3  # order and phrasing vary with the rng
+    assert "Its" not in text and all(p.endswith(".") for p in phrasings)

@@ -1,6 +1,7 @@
 """The synthetic world: deterministic, semantically correct queries, a graph with signal."""
 
 import re
+from pathlib import Path
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -153,3 +154,24 @@ def test_describe_reads_naturally():
             == "War movies written by A and B, in French")
     assert group_phrase(Group("gender+age", "female, 25-34")) == "women aged 25-34"
     assert group_phrase(Group("occupation", "artist")) == "artist viewers"
+
+
+def test_fresh_queries_are_new_questions_and_deterministic():
+    """--sft-fresh: warm-start queries generated from the dataset itself, none the same question
+    (type, conditions, anchor, interest target) as a train or test query."""
+    from rerec_mini.querygen import fresh_queries, signature
+    ds = load_dataset(Path(__file__).resolve().parents[1] / "data" / "synth-movies")
+    hist = {u: ds.history(u) for u in ds.interactions.user_ids}
+    args = (list(ds.items.values()), hist, ds.users)
+    a = fresh_queries(*args, per_type=60, seed=3, exclude=ds.all_queries())
+    b = fresh_queries(*args, per_type=60, seed=3, exclude=ds.all_queries())
+    assert [q.to_json() for q in a] == [q.to_json() for q in b]
+    taken = {signature(q) for q in ds.all_queries()}
+    assert a and not any(signature(q) in taken for q in a)
+    assert len({signature(q) for q in a}) == len(a)  # no two alike either
+    assert {q.type for q in a} >= {"explicit", "implicit", "misinformed", "interest"}
+    assert all(q.gold_reasoning and q.ground_truth for q in a)
+    # the signature tells wording apart from the question: same conditions, other text -> same signature
+    q = next(q for q in ds.queries["train"] if q.type == "explicit")
+    from dataclasses import replace
+    assert signature(replace(q, text="reworded " + q.text)) == signature(q)

@@ -310,3 +310,25 @@ def test_torch_requirement_admits_only_versions_with_gqa_attention():
     """scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5."""
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"torch>=2.5"' in text
+
+
+def test_sft_fresh_never_trains_on_train_or_test_queries_and_facts_add_rows(micro_model, tmp_path, ds):
+    from rerec_mini.querygen import signature
+    cfg = micro_config(micro_model, tmp_path / "f", sft_steps=2, sft_fresh=30, sft_facts=3, sft_batch_size=4)
+    tr = Trainer(cfg, ds, micro_model, torch.device("cpu"))
+    pool = tr.sft_queries()
+    taken = {signature(q) for q in ds.all_queries()}
+    assert pool and all(q.query_id.startswith("fresh-") and signature(q) not in taken for q in pool)
+    seen = []
+    real = tr._pack
+    tr._pack = lambda p, c: (seen.append((p, c)), real(p, c))[1]
+    row = tr.sft_step()
+    prompts, targets = seen[0]
+    assert len(prompts) == 4 + 3  # four warm-start queries, three fact passages
+    assert all(len(p) == 1 for p in prompts[4:])  # a passage: its first token predicts the rest
+    facts = [tr.tokenizer.decode(p + c) for p, c in zip(prompts[4:], targets[4:])]
+    assert all(" is " in f or " has " in f for f in facts)
+    assert math.isfinite(row["loss"])
+    # without --sft-fresh the warm start reads the train split
+    assert Trainer(micro_config(micro_model, tmp_path / "g"), ds, micro_model, torch.device("cpu")).sft_queries() \
+        == ds.queries["train"]

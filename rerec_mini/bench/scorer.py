@@ -108,11 +108,12 @@ class GraphWalkScorer:
                     self.adj.setdefault(f"{rel}::{v}", set()).add(iid)
         self.emb = {iid: scorer.E[k] for k, iid in enumerate(ds.item_ids)}
 
-    def score_one(self, q: Query, answer: Answer) -> dict:
+    def score_one(self, q: Query, answer: Answer, candidates=None) -> dict:
         ids, k, gt = answer.items, self.cfg.k, set(q.ground_truth)
+        rel = (gt & set(candidates) if candidates is not None else gt) or gt  # the ground truth the prompt showed
         top = ids[:k]
         row = {"parsed": ids, "n_entries": answer.n_entries, "n_hallucinated": answer.n_unmatched,
-               "hit": bool(top) and top[0] in gt}
+               "hit": bool(top) and top[0] in rel}
         if not top:
             row.update(format=-0.5, rec=-0.5, qas=0.0, pas=0.0)
         else:
@@ -123,8 +124,8 @@ class GraphWalkScorer:
             else:
                 astar = set.intersection(*(hood[g] for g in q.ground_truth))
             disc = [1.0 / math.log2(r + 2) for r in range(k)]
-            dcg = sum(disc[r] for r, i in enumerate(top) if i in gt)
-            idcg = sum(disc[:min(len(gt), k)])
+            dcg = sum(disc[r] for r, i in enumerate(top) if i in rel)
+            idcg = sum(disc[:min(len(rel), k)])
             qas = [sum(1 for a in hood[i] if a in astar) / len(astar) if astar else 0.0 for i in top]
             pas = []
             for i in top:
@@ -139,11 +140,12 @@ class GraphWalkScorer:
         row["total"] = c.w_format * row["format"] + c.w_rec * row["rec"] + c.w_qas * row["qas"] + c.w_pas * row["pas"]
         return row
 
-    def score_answers(self, queries, answers) -> list[dict]:
-        return [self.score_one(q, a) for q, a in zip(queries, answers)]
+    def score_answers(self, queries, answers, candidates=None) -> list[dict]:
+        cands = candidates if candidates is not None else [None] * len(answers)
+        return [self.score_one(q, a, c) for q, a, c in zip(queries, answers, cands)]
 
     def score(self, queries, responses, candidates) -> list[dict]:
-        return [self.score_one(q, self.scorer.parse(r, c)) for q, r, c in zip(queries, responses, candidates)]
+        return [self.score_one(q, self.scorer.parse(r, c), c) for q, r, c in zip(queries, responses, candidates)]
 
 
 def assert_same(fast: RewardBreakdown, slow: list[dict]) -> None:
@@ -215,8 +217,8 @@ def main(argv=None) -> int:
         "per-rollout": (lambda: walker.score(Q, Rs, C), True),
         "batched warm": (lambda: scorer.score(Q, Rs, C), False),
         "per-rollout warm": (lambda: walker.score(Q, Rs, C), False),
-        "batched terms": (lambda: scorer.score_answers(Q, answers), False),
-        "per-rollout terms": (lambda: walker.score_answers(Q, answers), False),
+        "batched terms": (lambda: scorer.score_answers(Q, answers, C), False),
+        "per-rollout terms": (lambda: walker.score_answers(Q, answers, C), False),
         "parse+match": (parse_all, True),
         "parse+match warm": (parse_all, False),
         "step": (lambda: scorer.score(Qs, Rss, Cs), True),
