@@ -92,6 +92,11 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--model {args.model}: " + " ".join(str(e).split())) from None
     base = args.base or (base_of(train_cfg) if (args.compare_base or args.retention) else None)
+    if base is not None:
+        try:
+            resolve_model_dir(base)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--base {base}: " + " ".join(str(e).split())) from None
     if args.retention:
         if not Path(args.texts).is_file():
             raise UsageError(f"--texts {args.texts}: no such file")
@@ -105,10 +110,15 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
     if args.split not in ds.queries or not ds.queries[args.split]:
         raise UsageError(f"--split {args.split!r}: the dataset's splits with queries are "
                          f"{', '.join(k for k, v in ds.queries.items() if v)}")
-    for flag, ok in (("limit", args.limit >= 0), ("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
-                     ("max_completion_length", s["max_completion_length"] >= 1), ("batch_size", args.batch_size >= 1)):
+    values = {**s, "limit": args.limit, "batch_size": args.batch_size}
+    for flag, ok, what in (("limit", args.limit >= 0, ">= 0"),
+                           ("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2, ">= 2, or 0"),
+                           ("max_completion_length", s["max_completion_length"] >= 1, ">= 1"),
+                           ("batch_size", args.batch_size >= 1, ">= 1"), ("answer_size", s["answer_size"] >= 1, ">= 1"),
+                           ("hard_negatives", s["hard_negatives"] >= 0, ">= 0"),
+                           ("history_len", s["history_len"] >= 0, ">= 0")):
         if not ok:
-            raise UsageError(f"--{flag.replace('_', '-')}: out of range (see --help)")
+            raise UsageError(f"--{flag.replace('_', '-')} {values[flag]}: must be {what}")
     return device, model_dir, base, ds
 
 

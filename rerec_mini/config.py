@@ -53,7 +53,7 @@ class Config:
     temperature: float = _opt(1.0, "sampling temperature (> 0; the trainer's log-probs use the same one)")
     top_p: float = _opt(1.0, "nucleus sampling threshold, in (0, 1]")
     learning_rate: float = _opt(5e-6, "AdamW learning rate of the RL phase")
-    warmup_steps: int = _opt(10, "linear learning-rate warmup, in optimiser steps")
+    warmup_steps: int = _opt(10, "linear learning-rate warmup, in RL steps (and in SFT steps for the warm start)")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping")
     beta: float = _opt(0.01, "KL coefficient (k3 to the frozen start); 0 loads no reference model")
@@ -78,7 +78,8 @@ class Config:
     difficulty_metric: str = _opt("rec", "curriculum difficulty: 1-rec or 1-reward", choices=("rec", "reward"))
     no_raae: bool = _opt(False, "ablation: plain GRPO advantages (no reasoning-aware token advantages)")
     raae_penalty: float = _opt(0.3, "RAAE: wrong-segment tokens get A - penalty*max(|A|, floor)")
-    raae_floor: float = _opt(1.0, "RAAE: the penalty's floor in advantage units (1 = one group std)")
+    raae_floor: float = _opt(1.0, "RAAE: the penalty's floor in advantage units (with --scale-rewards group, 1 = one "
+                                  "group std; with none, reward units)")
     raae_advantage: str = _opt("bounded", "RAAE: bounded (ours, see raae.py) or the paper's literal formula",
                                choices=("bounded", "paper"))
     raae_claims: bool = _opt(False, "RAAE: also mark segments that attribute a condition to an item lacking it")
@@ -132,7 +133,10 @@ TINY_PRESET = dict(
 
 # Flags that only change how a run is carried out or looked at, not what it computes: a resumed
 # run may change them freely. Every other flag changes the run's meaning (--override-config).
-HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "device", "max_steps", "micro_batch_size",
+# Not here: device (cpu <-> cuda switches precision=auto between fp32 and bf16). Two caveats:
+# micro_batch_size matters for loss_type bnpo (run.prepare checks), and a longer max_steps
+# stretches the buckets curriculum's easy -> hard schedule over the new length.
+HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps", "micro_batch_size",
             "gradient_checkpointing", "ref_offload", "logprob_chunk", "eval_steps", "eval_limit", "eval_split",
             "logging_steps", "report_to", "save_steps", "save_total_limit"}
 

@@ -42,9 +42,10 @@ def recall_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
 
 
 def relevant_items(q: Query, candidates: Sequence[str] | None) -> set[str]:
-    """The ground truth a method can reach: the ground-truth candidates, or all of it in open generation."""
+    """The ground truth a method can reach: the ground-truth candidates, or all of it in open generation
+    (and all of it when no candidate is one, as the scorer's Scorer.relevant does)."""
     gt = set(q.ground_truth)
-    return gt & set(candidates) if candidates is not None else gt
+    return (gt & set(candidates) or gt) if candidates is not None else gt
 
 
 def summarise(queries: Sequence[Query], candidates, scored, response_lens: Sequence[int]) -> dict:
@@ -54,7 +55,7 @@ def summarise(queries: Sequence[Query], candidates, scored, response_lens: Seque
         ranked = scored.parsed[n]
         rel = relevant_items(q, candidates[n])
         per_query.append({
-            "hit@1": float(bool(ranked) and ranked[0] in q.ground_truth),
+            "hit@1": float(bool(ranked) and ranked[0] in rel),  # as the reward's hit: among what was shown
             "ndcg@5": ndcg_at_k(ranked, rel, 5), "ndcg@10": ndcg_at_k(ranked, rel, 10),
             "recall@10": recall_at_k(ranked, rel, 10), "format_ok": float(scored.format[n] > 0),
             "qas": float(scored.qas[n]), "pas": float(scored.pas[n]), "response_len": float(response_lens[n]),
@@ -142,7 +143,7 @@ def sample_records(ds: Dataset, queries: Sequence[Query], candidates, texts: Seq
         "query_id": q.query_id, "type": q.type, "query": q.text,
         "candidates": None if c is None else title(c), "ground_truth": title(q.ground_truth),
         "response": t, "parsed": title(scored.parsed[n]),
-        "hit": bool(scored.parsed[n]) and scored.parsed[n][0] in q.ground_truth,
+        "hit": bool(scored.hit[n]),
         "reward": {k: float(getattr(scored, k)[n]) for k in ("total", "format", "rec", "qas", "pas")},
     } for n, (q, c, t) in enumerate(zip(queries, candidates, texts))]
 

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import HARMLESS, Config, UsageError, differences, resolve_config, validate
+from .grpo import loss_type_name
 from .data import QUERY_TYPES, DataError, Dataset, load_dataset
 from .model import ModelConfig, build_tiny, resolve_model_dir, save_model
 from .prompts import build_messages, render_sft_target
@@ -133,20 +134,22 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((p for p in found if (p / "trainer_state" / COMPLETE).exists()), key=order)
 
 
-def check_checkpoint(path: Path) -> dict:
-    """Open every file a resume reads; return its state.json. Raises ValueError naming the file."""
+def check_checkpoint(path: Path) -> tuple[dict, dict]:
+    """Open every file a resume reads; return (config.json, trainer_state/state.json). Raises
+    ValueError naming the file that cannot be read."""
     for f in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):
                 pass
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: {e}") from None
+    out = []
     for f in (path / "config.json", path / "trainer_state" / "state.json"):
         try:
-            state = json.loads(f.read_text())
+            out.append(json.loads(f.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{f}: {e}") from None
-    return state
+    return out[0], out[1]
 
 
 def newest_run(root: Path = RUNS_DIR) -> Path | None:
@@ -154,9 +157,27 @@ def newest_run(root: Path = RUNS_DIR) -> Path | None:
     return max(runs, key=lambda p: max(c.stat().st_mtime for c in checkpoints(p))) if runs else None
 
 
+# What a run writes into its directory: --overwrite removes these and nothing else.
+RUN_FILES = ("checkpoint-*", "final", "final.tmp", "reference", "reference.tmp", "tiny-init", "tiny-init.tmp",
+             "metrics.jsonl", "train_config.json", "eval_*.json", "report.md", "curve_*.png", "tensorboard")
+
+
+def run_files(out: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in out.glob(pattern)}) if out.is_dir() else []
+
+
 def holds_a_run(out: Path) -> bool:
-    return out.is_dir() and any((out / n).exists() for n in ("metrics.jsonl", "train_config.json", "final")) or \
-        any(out.glob("checkpoint-*"))
+    return any(p.name in ("metrics.jsonl", "train_config.json", "final") or p.name.startswith("checkpoint-")
+               for p in run_files(out))
+
+
+def set_aside(out: Path, paths: list[Path]) -> Path:
+    """Move `paths` into out/abandoned-<time>/ (a resume from an older checkpoint forks the run)."""
+    aside = out / time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for p in paths:
+        p.rename(aside / p.name)
+    return aside
 
 
 def resume_command(out: Path) -> str:
@@ -178,6 +199,7 @@ class Plan:
     resume_from: list[Path] = field(default_factory=list)  # checkpoints to try, newest first
     overrides: dict = field(default_factory=dict)  # meaning-changing flags accepted on resume
     warnings: list[str] = field(default_factory=list)
+    fork: bool = False  # --resume PATH of an older checkpoint: the newer ones are set aside
 
 
 def _absolute(flags: dict) -> dict:
@@ -210,14 +232,24 @@ def prepare(flags: dict | Config) -> Plan:
                 raise UsageError(f"--resume: no complete checkpoint in {out}; start it afresh with --overwrite")
         else:
             path = Path(resume).expanduser().resolve()
-            if not (path / "trainer_state").is_dir():
-                raise UsageError(f"--resume {resume}: not a checkpoint directory (no trainer_state/ inside)")
-            resume_from, out = [path], path.parent
+            if (path / "trainer_state").is_dir():  # a checkpoint
+                resume_from, out = [path], path.parent
+            elif checkpoints(path):  # a run directory: its newest complete checkpoint
+                resume_from, out = list(reversed(checkpoints(path))), path
+            else:
+                raise UsageError(f"--resume {resume}: neither a checkpoint (no trainer_state/ inside) nor a run "
+                                 "directory with a complete checkpoint")
+            if flags.get("output_dir") and Path(flags["output_dir"]) != out:
+                raise UsageError(f"--resume {resume} continues the run in {out}, not --output-dir "
+                                 f"{flags['output_dir']}; drop one of the two")
         saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").exists() \
-            else check_checkpoint(resume_from[0])["config"]
+            else check_checkpoint(resume_from[0])[1]["config"]
         user = {k: v for k, v in flags.items() if k not in ("resume", "output_dir")}
         cfg = resolve_config({**user, "output_dir": str(out), "resume": resume}, saved=saved)
-        changed = {k: (saved.get(k), v) for k, v in user.items() if k not in HARMLESS and saved.get(k) != v}
+        harmless = set(HARMLESS)
+        if loss_type_name(cfg.loss_type) == "bnpo":  # bnpo normalises each micro-batch on its own
+            harmless.discard("micro_batch_size")
+        changed = {k: (saved.get(k), v) for k, v in user.items() if k not in harmless and saved.get(k) != v}
         if changed and not flags.get("override_config"):
             what = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in changed.items())
             raise UsageError(f"--resume: {what} would change what the run computes; drop the flag(s), or add "
@@ -262,7 +294,7 @@ def prepare(flags: dict | Config) -> Plan:
     if resume:
         saved_hash = json.loads((out / "train_config.json").read_text()).get("data_hash") \
             if (out / "train_config.json").exists() else None
-        if saved_hash and saved_hash != data_hash and not cfg.override_config:
+        if saved_hash and saved_hash != data_hash and not flags.get("override_config"):
             raise UsageError(f"--resume: the dataset at {cfg.data} changed since the run started "
                              f"(content hash {saved_hash} -> {data_hash}); add --override-config to accept")
 
@@ -273,7 +305,8 @@ def prepare(flags: dict | Config) -> Plan:
             ModelConfig.from_hf_dict(hf)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise UsageError(f"--model {cfg.model}: " + " ".join(str(e).split())) from None  # one line
-    return Plan(cfg, out, device, ds, data_hash, resume_from, overrides, warnings)
+    return Plan(cfg, out, device, ds, data_hash, resume_from, overrides, warnings, fork=bool(resume) and
+                resume != "latest" and resume_from[0] != (checkpoints(out) or [None])[-1])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -285,26 +318,36 @@ class Run:
     def __init__(self, plan: Plan):
         self.plan, self.cfg, self.out = plan, plan.cfg, plan.out
         cfg = self.cfg
-        if cfg.overwrite and not plan.resume_from and self.out.is_dir():
-            shutil.rmtree(self.out)
+        if cfg.overwrite and not plan.resume_from:  # a run's own files only, never anything else there
+            for p in run_files(self.out):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
+        if plan.fork:
+            ordered = checkpoints(self.out)
+            newer = ordered[ordered.index(plan.resume_from[0]) + 1:]
+            newer += [p for p in run_files(self.out) if p.name.startswith(("final", "eval_final", "report"))]
+            if newer:
+                print(f"resuming from {plan.resume_from[0].name}: the later {', '.join(p.name for p in newer)} "
+                      f"moved to {set_aside(self.out, newer).name}/")
         self.start_dir = self._start_dir()
         self.trainer = None
         for ckpt in plan.resume_from or [None]:
             try:
-                if ckpt is not None:
-                    state = check_checkpoint(ckpt)
+                state = check_checkpoint(ckpt)[1] if ckpt is not None else None
                 ref = self.out / "reference" if (self.out / "reference").exists() else self.start_dir
+                in_rl = state is not None and state["phase"] == "rl"  # SFT needs no reference
                 self.trainer = Trainer(cfg, plan.ds, ckpt or self.start_dir, plan.device,
-                                       reference_dir=ref if ckpt is not None else None)
+                                       reference_dir=ref if in_rl else None)
                 if ckpt is not None:
                     self.trainer.load_state_dict(load_file(str(ckpt / "trainer_state" / "tensors.safetensors")), state)
                     self.resumed_from = ckpt
                 break
-            except (ValueError, SafetensorError, OSError) as e:
+            except Exception as e:  # whatever makes a checkpoint unreadable, try the one before
                 if ckpt is None or ckpt == plan.resume_from[-1]:
                     raise
-                print(f"warning: checkpoint {ckpt.name} cannot be read ({e}); falling back to an older one")
+                bad = ckpt.rename(ckpt.with_name(ckpt.name + ".bad"))  # out of the way of pruning and later resumes
+                print(f"warning: checkpoint {ckpt.name} cannot be read ({type(e).__name__}: {e}); renamed it "
+                      f"{bad.name} and falling back to an older one")
         self.tb = None
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -326,10 +369,15 @@ class Run:
             build_tiny_start(self.cfg, self.plan.ds, tmp).rename(path)
         return path
 
+    def settings(self) -> dict:
+        """The config as saved: the one-shot flags (--resume, --overwrite, --override-config) never
+        carry over to a later resume."""
+        return {**asdict(self.cfg), "resume": "", "overwrite": False, "override_config": False}
+
     def _write_config(self) -> None:
         path = self.out / "train_config.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        record = {**asdict(self.cfg), "data_hash": self.plan.data_hash,
+        record = {**self.settings(), "data_hash": self.plan.data_hash,
                   "overrides": old.get("overrides", [])}
         if self.plan.overrides:
             record["overrides"].append({"at_step": self.trainer.step_no, "at_sft_step": self.trainer.sft_step_no,
@@ -393,7 +441,7 @@ class Run:
         tensors, state = tr.state_dict()
         (tmp / "trainer_state").mkdir()  # a subdirectory: the top level stays a plain HF model directory
         save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
-        state["config"] = asdict(self.cfg)
+        state["config"] = self.settings()
         (tmp / "trainer_state" / "state.json").write_text(json.dumps(state) + "\n")
         _fsync_tree(tmp)
         (tmp / "trainer_state" / COMPLETE).write_text(f"{name}\n")  # last: everything above is on disk
@@ -441,12 +489,17 @@ class Run:
         self.stop_signal = signum
         tqdm.write(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
 
-    def _stopped(self, where: str) -> TrainingStopped:
+    def checkpoint_now(self) -> Path:
+        """The checkpoint of the current step: the one already written, else a new one."""
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
-        ckpt = self.out / name if (self.out / name / "trainer_state" / COMPLETE).exists() else self.save()
-        name = signal.Signals(self.stop_signal).name if self.stop_signal else "request"
-        return TrainingStopped(f"stopped by {name} {where}; checkpoint {ckpt.name} written. Resume with:\n"
+        done = self.out / name
+        return done if (done / "trainer_state" / COMPLETE).exists() else self.save()
+
+    def _stopped(self, where: str) -> TrainingStopped:
+        ckpt = self.checkpoint_now()
+        by = signal.Signals(self.stop_signal).name if self.stop_signal else "request"
+        return TrainingStopped(f"stopped by {by} {where}; checkpoint {ckpt.name} written. Resume with:\n"
                                f"    {resume_command(self.out)}", signum=self.stop_signal)
 
     def evaluate(self, name: str) -> dict | None:
@@ -468,7 +521,11 @@ class Run:
                 if cfg.sft_steps > tr.sft_step_no:
                     with tqdm(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft", dynamic_ncols=True) as bar:
                         while tr.sft_step_no < cfg.sft_steps:
-                            row = tr.sft_step()
+                            try:
+                                row = tr.sft_step()
+                            except TrainingStopped as e:  # repeated NaN: the weights are the last good step's
+                                raise TrainingStopped(f"{e}; checkpoint {self.checkpoint_now().name} written. "
+                                                      f"Resume with:\n    {resume_command(self.out)}") from None
                             self.log(row)
                             bar.update(1)
                             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -481,6 +538,8 @@ class Run:
                     results["sft"] = self.evaluate("sft")
                     if results["sft"]:
                         print(summary_line("after SFT", results["sft"]))
+                    if self.stop_signal:
+                        raise self._stopped("after SFT")
                 tr.start_rl()
                 if cfg.beta != 0 and cfg.sft_steps > 0:
                     self.save_reference()
@@ -491,12 +550,17 @@ class Run:
             last = None
             with tqdm(total=cfg.max_steps, initial=tr.step_no, desc="rl", dynamic_ncols=True) as bar:
                 while tr.step_no < cfg.max_steps:
+                    if self.stop_signal:  # arrived during an evaluation or a save
+                        raise self._stopped(f"at step {tr.step_no}")
                     try:
                         row = tr.step()
-                    except TrainingStopped as e:  # repeated NaN: the skipped updates left the weights intact
-                        raise TrainingStopped(f"{e}; checkpoint {self.save().name} written. Resume (after "
-                                              f"changing the settings, with --override-config) with:\n"
-                                              f"    {resume_command(self.out)}") from None
+                    except TrainingStopped as e:
+                        # Repeated NaN in this step: its updates were skipped, so the weights are those of the
+                        # last completed step; keep that step's checkpoint if there is one (the curriculum has
+                        # already moved on, so this state must not replace it), else write one.
+                        raise TrainingStopped(f"{e}; checkpoint {self.checkpoint_now().name} is the last good "
+                                              f"state. Resume (after changing the settings, with "
+                                              f"--override-config) with:\n    {resume_command(self.out)}") from None
                     if tr.step_no % cfg.logging_steps == 0 or tr.step_no == cfg.max_steps:
                         self.log(row)
                     bar.update(1)

@@ -56,6 +56,7 @@ class Batch:
     """One step's rollouts, flattened: row r continues prompt r // G."""
 
     queries: list[Query]  # [B]
+    indices: list[int] | None  # [B] rows of the train split (for the curriculum); None for given queries
     candidates: list[list[str] | None]  # [B]
     prompt_ids: list[list[int]]  # [B]
     completions: list[list[int]]  # [B*G] sampled ids
@@ -173,15 +174,16 @@ class Trainer:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _pack(self, prompts: list[list[int]], completions: list[list[int]]):
-        """Right-padded [N, T] ids and the [N, T] mask of completion tokens (the targets)."""
+    def _pack(self, prompts: list[list[int]], completions: list[list[int]], move: bool = True):
+        """Right-padded [N, T] ids and the [N, T] mask of completion tokens (the targets), on the device
+        (move=False: on the CPU, for more assembly first)."""
         T = max(len(p) + len(c) for p, c in zip(prompts, completions))
         ids = torch.full((len(prompts), T), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), T), dtype=torch.bool)
         for i, (p, c) in enumerate(zip(prompts, completions)):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c)
             mask[i, len(p):len(p) + len(c)] = True
-        return ids.to(self.device), mask.to(self.device)
+        return (ids.to(self.device), mask.to(self.device)) if move else (ids, mask)
 
     # ------------------------------------------------------------------------- SFT warm start
 
@@ -249,6 +251,12 @@ class Trainer:
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         if torch.isfinite(loss) and torch.isfinite(gn):
             self.optimizer.step()
+            self.nan_streak = 0
+        else:  # as in RL: skip the update, stop after three in a row
+            self.nan_streak += 1
+            if self.nan_streak >= 3:
+                raise TrainingStopped("the SFT loss was NaN/inf in 3 steps in a row; stopping "
+                                      "(try a lower --sft-learning-rate)")
         self.sft_step_no += 1
         return {"phase": "sft", "sft_step": self.sft_step_no, "loss": loss.item(), "grad_norm": gn.item(),
                 "learning_rate": self.optimizer.param_groups[0]["lr"]}
@@ -269,8 +277,7 @@ class Trainer:
         ro = generate(self.rollout_model, prompts, max_new_tokens=cfg.max_completion_length,
                       num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                       eos_token_id=self.eos, seed=cfg.seed * 1_000_003 + self.step_no, pool=self.decoders)
-        self._batch_idx = idx
-        return Batch(queries, cands, prompts, ro.completions, ro.logprobs, ro.truncated)
+        return Batch(queries, idx, cands, prompts, ro.completions, ro.logprobs, ro.truncated)
 
     def score(self, b: Batch) -> RewardBreakdown:
         G = self.cfg.num_generations
@@ -330,13 +337,13 @@ class Trainer:
     def micro_batch(self, b: Batch, adv: list[np.ndarray], rows: list[int]) -> dict:
         """Tensors of the given rollouts: ids and mask [n, T], advantages and sampler log-probs [n, T]."""
         G = self.cfg.num_generations
-        ids, mask = self._pack([b.prompt_ids[r // G] for r in rows], [b.completions[r] for r in rows])
+        ids, mask = self._pack([b.prompt_ids[r // G] for r in rows], [b.completions[r] for r in rows], move=False)
         a = torch.zeros(mask.shape, dtype=torch.float32)
         slp = torch.zeros(mask.shape, dtype=torch.float32)
         for j, r in enumerate(rows):
-            a[j, mask[j].cpu()] = torch.from_numpy(adv[r])
-            slp[j, mask[j].cpu()] = torch.tensor(b.sampler_logprobs[r], dtype=torch.float32)
-        return {"ids": ids, "mask": mask, "adv": a.to(self.device), "sampler": slp.to(self.device)}
+            a[j, mask[j]] = torch.from_numpy(adv[r])
+            slp[j, mask[j]] = torch.tensor(b.sampler_logprobs[r], dtype=torch.float32)
+        return {k: v.to(self.device) for k, v in (("ids", ids), ("mask", mask), ("adv", a), ("sampler", slp))}
 
     def micro_batches(self, b: Batch, adv: list[np.ndarray]) -> tuple[list[int], list[dict], StepNorm]:
         """(trained rows, their micro-batches of --micro-batch-size rollouts, the step's normaliser)."""
@@ -436,7 +443,7 @@ class Trainer:
         r = self.score(b)
         t2 = time.perf_counter()
         adv = self.advantages(b, r)
-        self.curriculum.update(self._batch_idx, self.difficulties(r))
+        self.curriculum.update(b.indices, self.difficulties(r))
         t3 = time.perf_counter()
         up = self.update(b, adv.tokens)
         t4 = time.perf_counter()
@@ -478,7 +485,8 @@ class Trainer:
             self.rollout_model, self.tokenizer, self.ds, queries, scorer=self.scorer, candidate_sampler=self.candidates,
             num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
             seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
-            max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos, pool=self.decoders)
+            max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
+            pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
         return {**result, "settings": settings}
 
     # ------------------------------------------------------------------------- state
@@ -503,13 +511,13 @@ class Trainer:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         self.phase, self.step_no, self.sft_step_no = state["phase"], state["step"], state["sft_step"]
-        self.nan_streak = state["nan_streak"]
+        self.nan_streak = 0  # a resume after a NaN stop is a fresh attempt (with other settings, usually)
         self.curriculum.load_state_dict(state["curriculum"])
         opt_state: dict = {}
         for key, v in tensors.items():
             if key.startswith("state."):
                 _, i, k = key.split(".", 2)
-                opt_state.setdefault(int(i), {})[k] = v.to(self.device)
+                opt_state.setdefault(int(i), {})[k] = v  # load_state_dict places each on its parameter's device
         self.optimizer = self._optimizer(self.cfg.sft_learning_rate if self.phase == "sft" else self.cfg.learning_rate)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])

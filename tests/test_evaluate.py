@@ -263,3 +263,20 @@ def test_ablation_table_and_spread():
     assert "- no-pas: -0.005 (within the seed spread 0.015)" in md
     assert set(ablate.VARIANTS) == {"full", "grpo", "no-raae", "no-qas", "no-pas", "no-curriculum"}
     assert ablate.VARIANTS["grpo"] == {"no_raae": True, "curriculum": "none", "reward_weights": "0,1,0,0"}
+
+
+def test_hit_at_1_counts_only_the_ground_truth_the_prompt_showed(ds, scorer):
+    """hit@1 equals ndcg@1 (answer size 1) and the reward's hit: naming a ground-truth item that was not
+    among the candidates is not a hit (training gives it rec 0 too)."""
+    from rerec_mini.evaluate import summarise
+    q = next(q for q in ds.queries["test"] if len(q.ground_truth) >= 2)
+    cands = CandidateSampler(ds).sample(q, 6, seed=1)
+    shown = [i for i in q.ground_truth if i in cands]
+    unseen = next(i for i in q.ground_truth if i not in cands)
+    texts = [f"\\\\boxed{{{ds.items[shown[0]].title}}}", f"\\\\boxed{{{ds.items[unseen].title}}}"]
+    scored = scorer.score([q, q], texts, [cands, cands])
+    res = summarise([q, q], [cands, cands], scored, [0, 0])
+    assert scored.hit.tolist() == [True, False]
+    assert res["overall"]["hit@1"] == 0.5
+    one = summarise([q], [cands], scorer.score([q], texts[1:], [cands]), [0])["overall"]
+    assert one["hit@1"] == 0.0 and one["ndcg@5"] == 0.0

@@ -89,7 +89,7 @@ def test_usage_errors_for_a_file_output_dir_a_used_dir_and_no_run_to_resume(micr
     code, _, err = run_cli(["--resume"], capsys)
     assert code == 2 and "no run with a checkpoint" in err and not (tmp_path / "runs").exists()
     code, _, err = run_cli(["--resume", str(tmp_path / "nothing")], capsys)
-    assert code == 2 and "not a checkpoint directory" in err
+    assert code == 2 and "neither a checkpoint" in err
     # a fresh run into a directory that holds a run is refused: nothing appended, nothing mixed
     used = tmp_path / "used"
     assert run_cli(micro_flags(micro_model, used, max_steps=1), capsys)[0] == 0
@@ -242,3 +242,50 @@ def test_train_py_help_lists_every_option_once_with_real_defaults():
     for name in asdict(Config()):
         assert "--" + name.replace("_", "-") in out, name
     assert "(tiny: " in out and "[]" not in out and "exit codes" in out
+
+
+def test_overwrite_removes_a_runs_files_and_nothing_else(micro_model, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    assert run_cli(micro_flags(micro_model, out, max_steps=1), capsys)[0] == 0
+    assert run_cli(micro_flags(micro_model, out, max_steps=1, overwrite=True), capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "data").is_dir()
+    # a directory with no run in it is left alone entirely
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "keep.py").write_text("x = 1")
+    assert run_cli(micro_flags(micro_model, plain, max_steps=1, overwrite=True), capsys)[0] == 0
+    assert (plain / "keep.py").exists()
+
+
+def test_resume_from_an_older_checkpoint_sets_the_later_ones_aside(micro_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(micro_flags(micro_model, out, max_steps=3, save_total_limit=0), capsys)[0] == 0
+    code, stdout, err = run_cli(["--resume", str(out / "checkpoint-1"), "--max-steps", "2"], capsys)
+    assert code == 0, err
+    assert "moved to abandoned-" in stdout
+    (aside,) = list(out.glob("abandoned-*"))
+    assert {p.name for p in aside.iterdir()} >= {"checkpoint-3", "final", "eval_final.json"}
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    state = json.loads((out / "final" / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 2
+    # a run directory works as --resume PATH too (its newest checkpoint), and a mismatching --output-dir is refused
+    code, stdout, _ = run_cli(["--resume", str(out), "--max-steps", "3"], capsys)
+    assert code == 0 and "resuming checkpoint-2" in stdout
+    code, _, err = run_cli(["--resume", str(out / "checkpoint-1"), "--output-dir", str(tmp_path / "else")], capsys)
+    assert code == 2 and "drop one of the two" in err
+
+
+def test_one_shot_flags_are_not_saved(micro_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(micro_flags(micro_model, out, max_steps=1), capsys)[0] == 0
+    assert run_cli(["--output-dir", str(out), "--resume", "--max-steps", "2", "--num-generations", "3",
+                    "--override-config"], capsys)[0] == 0
+    for saved in (json.loads((out / "train_config.json").read_text()),
+                  json.loads((out / "final" / "trainer_state" / "state.json").read_text())["config"]):
+        assert saved["override_config"] is False and saved["overwrite"] is False and saved["resume"] == ""
+    # so the next resume is checked again
+    code, _, err = run_cli(["--output-dir", str(out), "--resume", "--max-steps", "3", "--num-generations", "4"], capsys)
+    assert code == 2 and "--num-generations 4 (was 3)" in err

@@ -169,7 +169,7 @@ def test_nan_loss_skips_the_update_then_stops_after_three(micro_model, tmp_path,
     assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())  # nothing reached the weights
 
     monkeypatch.setattr(T, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    with pytest.raises(TrainingStopped, match="NaN/inf in 3 updates in a row.*checkpoint-2 written") as e:
+    with pytest.raises(TrainingStopped, match="NaN/inf in 3 updates in a row.*checkpoint-2 is the last good state") as e:
         train(micro_config(micro_model, tmp_path / "nan2", max_steps=10, micro_batch_size=100))
     assert e.value.signum is None and (tmp_path / "nan2" / "checkpoint-2").exists()
 
