@@ -17,25 +17,15 @@ from pathlib import Path
 import torch
 
 from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
-from rerec_mini.data import DataError, load_dataset
-from rerec_mini.evaluate import (BASELINES, evaluate_baseline, evaluate_policy, markdown_table, read_texts, retention,
-                                 stratified_head)
+from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, markdown_table,
+                                 prompt_settings, read_texts, retention, stratified_head)
 from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
-from rerec_mini.prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES, CandidateSampler, eos_ids
+from rerec_mini.prompts import NEGATIVE_MODES, CandidateSampler, eos_ids
 from rerec_mini.rewards import RewardConfig, Scorer
-from rerec_mini.run import pick_device
+from rerec_mini.run import open_dataset, pick_device, training_state
 
-# Prompt settings without a checkpoint config (a base model): flag > the checkpoint's > these.
-DEFAULTS = dict(data=str(BUNDLED_DATA), num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES,
-                show_attributes="", history_len=0, answer_size=1, max_completion_length=512, seed=0)
-
-
-def training_config(model: str | None) -> dict:
-    """The training config stored in a checkpoint (empty for a base model or an unknown path)."""
-    if not model:
-        return {}
-    state = Path(model) / "trainer_state" / "state.json"
-    return json.loads(state.read_text())["config"] if state.exists() else {}
+# Settings without a checkpoint config (a base model): flag > the checkpoint's > these.
+DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
 
 
 def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
@@ -101,12 +91,7 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
         if not Path(args.texts).is_file():
             raise UsageError(f"--texts {args.texts}: no such file")
         return device, model_dir, base, None
-    if not Path(s["data"]).is_dir():
-        raise UsageError(f"--data {s['data']}: no such directory (format: data/README.md)")
-    try:
-        ds = load_dataset(s["data"])
-    except DataError as e:
-        raise UsageError(f"--data: {e}") from None
+    ds = open_dataset(s["data"])
     if args.split not in ds.queries or not ds.queries[args.split]:
         raise UsageError(f"--split {args.split!r}: the dataset's splits with queries are "
                          f"{', '.join(k for k, v in ds.queries.items() if v)}")
@@ -125,9 +110,9 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
 def evaluate(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)  # --model first: its training config sets the defaults
     pre.add_argument("--model")
-    train_cfg = training_config(pre.parse_known_args(argv)[0].model)
+    train_cfg = training_state(pre.parse_known_args(argv)[0].model).get("config", {})
     args = parser(train_cfg).parse_args(argv)
-    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v)) for k, v in DEFAULTS.items()}
+    s = prompt_settings(args, train_cfg, DEFAULTS)
     device, model_dir, base_name, ds = check(args, s, train_cfg)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_tokenizer(model_dir)

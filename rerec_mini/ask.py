@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import re
 import sys
@@ -43,17 +42,17 @@ from pathlib import Path
 import torch
 
 from .config import BUNDLED_DATA, UsageError
-from .data import DataError, Dataset, Query, load_dataset
+from .data import Dataset, Query
+from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
-from .prompts import (DEFAULT_NEGATIVES, NEGATIVE_MODES, CandidateSampler, build_messages, eos_ids, fmt_attributes,
+from .prompts import (NEGATIVE_MODES, CandidateSampler, build_messages, eos_ids, fmt_attributes,
                       match_answer, parse_answer)
-from .run import pick_device
+from .run import open_dataset, pick_device, training_state
 from .sampling import generate
 from .titles import TitleIndex
 
 # Without a checkpoint config (a base model) and without a flag: eval.py's defaults.
-DEFAULTS = dict(data=str(BUNDLED_DATA), num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES,
-                show_attributes="", history_len=0, answer_size=1, max_completion_length=512, seed=0)
+DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
 
 # A relation with more distinct values than this is an "open" vocabulary (people's names): its values
 # must appear in the request with their own capitalisation, so the actor "Sting" is not read out of
@@ -63,12 +62,6 @@ _WORD = re.compile(r"[^\W_](?:[\w'&.\-]*[^\W_])?")  # words, keeping "Children's
 
 
 # ----------------------------------------------------------------------------- settings
-
-
-def training_config(model: str | None) -> dict:
-    """The training config stored in a checkpoint (empty for a base model or an unknown path)."""
-    state = Path(model) / "trainer_state" / "state.json" if model else None
-    return json.loads(state.read_text())["config"] if state is not None and state.exists() else {}
 
 
 def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
@@ -283,8 +276,7 @@ class Assistant:
 
 def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, torch.device]:
     """Every check before the model loads; raises UsageError. Returns (settings, model dir, dataset, device)."""
-    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v))
-         for k, v in DEFAULTS.items()}
+    s = prompt_settings(args, train_cfg, DEFAULTS)
     if args.query and args.request:
         raise UsageError("give a request or --query QUERY_ID, not both")
     for flag, ok in (("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
@@ -300,12 +292,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
         raise UsageError(f"--model {args.model}: " + " ".join(str(e).split())) from None
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {args.model}: {model_dir} is not a model directory (no config.json)")
-    if not Path(s["data"]).is_dir():
-        raise UsageError(f"--data {s['data']}: no such directory (format: data/README.md)")
-    try:
-        ds = load_dataset(s["data"])
-    except DataError as e:
-        raise UsageError(f"--data: {e}") from None
+    ds = open_dataset(s["data"])
     if args.user is not None and not ds.history(args.user) and args.user not in ds.users:
         raise UsageError(f"--user {args.user}: no such user in {s['data']}")
     if args.query and not any(q.query_id == args.query for q in ds.all_queries()):
@@ -317,7 +304,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
 def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)  # --model first: its training config sets the defaults
     pre.add_argument("--model")
-    train_cfg = training_config(pre.parse_known_args(argv)[0].model)
+    train_cfg = training_state(pre.parse_known_args(argv)[0].model).get("config", {})
     args = parser(train_cfg).parse_args(argv)
     try:
         s, model_dir, ds, device = settings_and_checks(args, train_cfg)

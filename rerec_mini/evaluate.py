@@ -23,6 +23,16 @@ from .prompts import DEFAULT_NEGATIVES, CandidateSampler, build_messages
 from .rewards import Scorer
 from .sampling import generate
 
+# Prompt settings of eval.py and ask: flag > the checkpoint's training config > these (a base model).
+PROMPT_DEFAULTS = dict(num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES, show_attributes="",
+                       history_len=0, answer_size=1, max_completion_length=512, seed=0)
+
+
+def prompt_settings(args, train_cfg: dict, defaults: dict) -> dict:
+    """Each setting of `defaults`: the flag if given, else the checkpoint's (train_cfg), else the default."""
+    return {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v))
+            for k, v in defaults.items()}
+
 METRICS = ("hit@1", "ndcg@5", "ndcg@10", "recall@10", "format_ok", "hallucination", "qas", "pas", "response_len")
 
 

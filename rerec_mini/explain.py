@@ -38,7 +38,6 @@ import argparse
 import copy
 import hashlib
 import html
-import json
 import math
 import os
 import sys
@@ -53,11 +52,11 @@ import torch
 from . import raae
 from .config import TINY_PRESET, Config, UsageError, resolve_config, validate
 from .curriculum import BucketCurriculum, make_curriculum
-from .data import DataError, Dataset, Query, load_dataset
+from .data import Dataset, Query
 from .grpo import StepNorm, loss_type_name, policy_loss
 from .model import resolve_model_dir, token_logprobs
 from .prompts import parse_answer
-from .run import build_tiny_start, pick_device
+from .run import build_tiny_start, open_dataset, pick_device, training_state
 from .trainer import Batch, Trainer
 
 # ----------------------------------------------------------------------------- what is explained
@@ -579,12 +578,6 @@ FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completi
          "tiny_units")
 
 
-def training_state(model: str | None) -> dict:
-    """A checkpoint's trainer_state/state.json ({} for anything else)."""
-    path = Path(model) / "trainer_state" / "state.json" if model else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rerec_mini.explain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -635,12 +628,7 @@ def setup(argv, stack: ExitStack) -> tuple[Trainer, Query, list[str], argparse.N
     if getattr(args, "query", None) and getattr(args, "text", None):
         raise UsageError("give --query QUERY_ID or --text REQUEST, not both")
     device = pick_device(cfg.device)
-    if not Path(cfg.data).is_dir():
-        raise UsageError(f"--data {cfg.data}: no such directory (format: data/README.md)")
-    try:
-        ds = load_dataset(cfg.data)
-    except DataError as e:
-        raise UsageError(f"--data: {e}") from None
+    ds = open_dataset(cfg.data)
     if not ds.queries.get("train"):
         raise UsageError(f"--data {cfg.data}: no training queries")
     notes: list[str] = []

@@ -70,6 +70,22 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def open_dataset(path) -> Dataset:
+    """--data PATH loaded and validated, or a UsageError naming the flag (and the file:line: field)."""
+    if not Path(path).is_dir():
+        raise UsageError(f"--data {path}: no such directory (format: data/README.md)")
+    try:
+        return load_dataset(path)
+    except DataError as e:
+        raise UsageError(f"--data: {e}") from None
+
+
+def training_state(model) -> dict:
+    """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else)."""
+    path = Path(model) / "trainer_state" / "state.json" if model else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
 def dataset_texts(ds: Dataset) -> list[str]:
     """What the tiny tokenizer is trained on: titles, attributes, requests, reasoning, prompts."""
     texts = [it.title for it in ds.items.values()]
@@ -273,12 +289,7 @@ def prepare(flags: dict | Config) -> Plan:
             raise UsageError("--report-to tensorboard: install it first (pip install tensorboard)") from None
 
     # the dataset
-    if not Path(cfg.data).is_dir():
-        raise UsageError(f"--data {cfg.data}: no such directory (format: data/README.md)")
-    try:
-        ds = load_dataset(cfg.data)
-    except DataError as e:
-        raise UsageError(f"--data: {e}") from None
+    ds = open_dataset(cfg.data)
     if cfg.eval_split not in ds.queries:
         raise UsageError(f"--eval-split {cfg.eval_split!r}: the dataset has splits {', '.join(ds.queries)}")
     if not ds.queries.get("train"):

@@ -27,3 +27,14 @@ def test_gpu_check_records_a_failing_part_and_runs_the_others(tmp_path, monkeypa
     parts = json.loads((tmp_path / "gpu.json").read_text())["parts"]
     assert parts["graph"]["error"] == "RuntimeError: simulated" and "Traceback" in parts["graph"]["traceback"]
     assert "update_tokens" in parts["train"]
+
+
+def test_sampler_bench_on_a_real_checkpoint_reads_its_weights():
+    """`bench sampler --model M`: both sides hold the checkpoint's weights (tiny: the bundled tokenizer's
+    vocabulary, not the preset's), and every row gets exactly the asked number of tokens."""
+    from rerec_mini.bench import sampler
+    from rerec_mini.model import load_model
+    res = sampler.run("cpu-small", model_name="tiny", prompts=2, samples=2, new_tokens=4, prompt_len=8, repeats=1,
+                      threads=1)
+    assert res["model"] == "tiny" and res["params"] == load_model("tiny").num_parameters()
+    assert res["rows"] == 4 and res["ours_tok_s"] > 0 and res["hf_tok_s"] > 0

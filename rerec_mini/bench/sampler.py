@@ -3,11 +3,14 @@
     python -m rerec_mini.bench sampler                                  # cpu-small preset
     python -m rerec_mini.bench sampler --preset qwen2.5-1.5b --device cuda
     python -m rerec_mini.bench sampler --preset qwen2.5-1.5b --device cpu --layers 2 --new-tokens 16  # smoke test
+    python -m rerec_mini.bench sampler --model SmolLM2-135M --threads 1 --prompts 4 --samples 4 --prompt-len 256 --new-tokens 96
 
 Both sides sample (temperature 1, no top-k/top-p) exactly --new-tokens tokens for every row (no
 EOS), in the same process, alternating ours/HF; we report the median of --repeats runs. Random
 weights: the arithmetic and memory traffic of the real architecture, without a download. Also
 reports our ms per decode step against the memory-bandwidth floor (weights + KV read once per step).
+With --model the weights are a real model's (a checkpoint, .gguf or alias, as train.py takes it), loaded
+by us and by transformers from the same directory; the preset then gives only the sizes and the device.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from ..model import CausalLM, ModelConfig, _dtype
+from ..model import CausalLM, ModelConfig, _dtype, load_model, resolve_model_dir
 from ..sampling import DecoderPool, generate
 
 PRESETS = {
@@ -68,8 +71,9 @@ def hf_twin(model: CausalLM, device, dtype):
 
 def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, samples=None, new_tokens=None,
         prompt_len=None, repeats=None, layers=None, threads=None, cuda_graph=True, hf_static_cache=False, seed=0,
-        model_overrides: dict | None = None) -> dict:
-    """The benchmark as a function (bench gpu calls it); None takes the preset's value."""
+        model_overrides: dict | None = None, model_name: str | None = None) -> dict:
+    """The benchmark as a function (bench gpu calls it); None takes the preset's value.
+    model_name: a real model (path, .gguf or alias) instead of the preset's random weights."""
     pre = PRESETS[preset]
     given = dict(device=device, dtype=dtype, prompts=prompts, samples=samples, new_tokens=new_tokens,
                  prompt_len=prompt_len, repeats=repeats)
@@ -78,13 +82,19 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
     threads = threads or os.cpu_count()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    cfg = ModelConfig(**{**pre["cfg"], **(model_overrides or {}), **({"num_layers": layers} if layers else {})})
     use_graph = device.type == "cuda" and cuda_graph
-
-    with torch.device("meta"):  # allocate and initialise straight on the device, in the bench dtype
-        model = CausalLM(cfg)
-    model = model.to(dtype).to_empty(device=device).init_weights(seed).eval()
-    hf = hf_twin(model, device, dtype)
+    if model_name:  # real weights: both sides read the same HF directory
+        from transformers import AutoModelForCausalLM
+        path = resolve_model_dir(model_name)
+        model = load_model(path, device=device, dtype=dtype).eval()
+        cfg = model.cfg
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    else:
+        cfg = ModelConfig(**{**pre["cfg"], **(model_overrides or {}), **({"num_layers": layers} if layers else {})})
+        with torch.device("meta"):  # allocate and initialise straight on the device, in the bench dtype
+            model = CausalLM(cfg)
+        model = model.to(dtype).to_empty(device=device).init_weights(seed).eval()
+        hf = hf_twin(model, device, dtype)
     P, G, N, L = opt["prompts"], opt["samples"], opt["new_tokens"], opt["prompt_len"]
     ids = torch.randint(0, cfg.vocab_size, (P, L), generator=torch.Generator().manual_seed(seed))
     hf_input = ids.to(device)
@@ -127,7 +137,7 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
     kv_bytes = cfg.num_layers * 2 * rows * cfg.num_kv_heads * cfg.head_dim * elem * (L + N / 2)  # mean over steps
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bw
     return dict(
-        preset=preset, device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+        preset=preset, model=model_name or "random weights", device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), threads=threads, dtype=str(dtype).removeprefix("torch."),
         layers=cfg.num_layers, params=model.num_parameters(), prompts=P, samples=G, rows=rows, prompt_len=L,
         new_tokens=N, repeats=opt["repeats"], cuda_graph=use_graph, graph_captures=pool.captures,
@@ -140,7 +150,7 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
 
 def describe(res: dict) -> str:
     return "\n".join([
-        f"sampler: preset {res['preset']}, {res['device']} ({res['device_name']}, {res['threads']} threads), "
+        f"sampler: preset {res['preset']} ({res['model']}), {res['device']} ({res['device_name']}, {res['threads']} threads), "
         f"{res['dtype']}, {res['layers']} layers, {res['params'] / 1e6:.1f}M params",
         f"{res['rows']} rows ({res['prompts']} prompts x {res['samples']} samples), prompt {res['prompt_len']}, "
         f"{res['new_tokens']} new tokens, median of {res['repeats']}",
@@ -156,6 +166,8 @@ def describe(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rerec_mini.bench sampler", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=PRESETS, default="cpu-small")
+    ap.add_argument("--model", help="a real model (checkpoint, .gguf or alias such as SmolLM2-135M) instead of "
+                                    "the preset's architecture with random weights")
     ap.add_argument("--device", help="cpu | cuda (default: the preset's)")
     ap.add_argument("--dtype", help="float32 | bfloat16 (default: the preset's)")
     ap.add_argument("--prompts", type=int)
@@ -173,7 +185,7 @@ def main(argv=None) -> int:
     res = run(args.preset, device=args.device, dtype=args.dtype, prompts=args.prompts, samples=args.samples,
               new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, layers=args.layers,
               threads=args.threads, cuda_graph=not args.no_cuda_graph, hf_static_cache=args.hf_static_cache,
-              seed=args.seed)
+              seed=args.seed, model_name=args.model)
     print(describe(res))
     if args.json:
         with open(args.json, "w") as f:
