@@ -13,7 +13,10 @@ DIR/gpu.json and DIR/gpu.md rewritten after every part so a timed-out call still
   train     one GRPO step at 1.5B (64 rollouts x 1k tokens, reference on the GPU, gradient
             checkpointing): seconds per phase, model-FLOPs MFU, peak memory
   real      (with --gguf) a short ReRec run of the real SmolLM2-135M: held-out hit@1 before and after
-The GPU machine has no package index and no hub: the real model comes as a file argument.
+The GPU machine has no package index and no hub: the real model comes as a file argument, and its
+reader, the pure-Python `gguf` package, comes along: `pip install --no-deps --target .gpu-deps gguf`
+where pip works, then run with PYTHONPATH=.gpu-deps (its own dependencies, numpy, pyyaml, tqdm and
+requests, are on the machine).
 """
 
 from __future__ import annotations
