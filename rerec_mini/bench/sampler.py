@@ -137,8 +137,8 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
     kv_bytes = cfg.num_layers * 2 * rows * cfg.num_kv_heads * cfg.head_dim * elem * (L + N / 2)  # mean over steps
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bw
     return dict(
-        preset=preset, model=model_name or "random weights", device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(), threads=threads, dtype=str(dtype).removeprefix("torch."),
+        preset=preset, model=model_name or "random weights", device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(), threads=threads, dtype=str(dtype).removeprefix("torch."),
         layers=cfg.num_layers, params=model.num_parameters(), prompts=P, samples=G, rows=rows, prompt_len=L,
         new_tokens=N, repeats=opt["repeats"], cuda_graph=use_graph, graph_captures=pool.captures,
         hf_cache="static" if hf_static_cache else "dynamic",
@@ -150,7 +150,8 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
 
 def describe(res: dict) -> str:
     return "\n".join([
-        f"sampler: preset {res['preset']} ({res['model']}), {res['device']} ({res['device_name']}, {res['threads']} threads), "
+        f"sampler: preset {res['preset']} ({res['model']}), {res['device']} ({res['device_name']}, "
+        f"{res['threads']} threads), "
         f"{res['dtype']}, {res['layers']} layers, {res['params'] / 1e6:.1f}M params",
         f"{res['rows']} rows ({res['prompts']} prompts x {res['samples']} samples), prompt {res['prompt_len']}, "
         f"{res['new_tokens']} new tokens, median of {res['repeats']}",
@@ -182,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
+    if args.model and args.layers:
+        ap.error("--layers changes the preset's random-weight architecture; a --model keeps its own layers")
     res = run(args.preset, device=args.device, dtype=args.dtype, prompts=args.prompts, samples=args.samples,
               new_tokens=args.new_tokens, prompt_len=args.prompt_len, repeats=args.repeats, layers=args.layers,
               threads=args.threads, cuda_graph=not args.no_cuda_graph, hf_static_cache=args.hf_static_cache,
