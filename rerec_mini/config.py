@@ -104,6 +104,8 @@ class Config:
     sft_fresh: int = _opt(0, "SFT on this many freshly generated queries per type (the query generator run on the "
                              "dataset's catalogue and histories, none the same question as a train or test query) "
                              "instead of the train split: RL then trains on queries SFT has not memorised")
+    rl_fresh: int = _opt(0, "RL on this many freshly generated queries per type (none the same question as a "
+                            "train, test or SFT query) instead of the train split: nothing RL sees is memorised")
     sft_facts: int = _opt(0, "SFT: catalogue fact passages per step, with a language-model loss: the film knowledge a "
                              "pretrained LLM brings, for a model trained from scratch")
     # evaluation, logging and checkpoints
@@ -207,6 +209,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")
     need(cfg.sft_facts >= 0, "sft_facts", "must be >= 0")
     need(cfg.sft_fresh >= 0, "sft_fresh", "must be >= 0 (0: SFT on the train split)")
+    need(cfg.rl_fresh >= 0, "rl_fresh", "must be >= 0 (0: RL on the train split)")
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.eval_limit >= 0, "eval_limit", "must be >= 0 (0: all)")
     need(cfg.logging_steps >= 1, "logging_steps", "must be >= 1")

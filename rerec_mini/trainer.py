@@ -105,7 +105,13 @@ class Trainer:
         self.cfg, self.ds, self.device = cfg, ds, device
         self.bf16 = uses_bf16(cfg, device)
         torch.manual_seed(cfg.seed)
+        self._sft_queries: list[Query] | None = None  # built on first use (sft_queries)
+        # RL's query pool: the train split, or (--rl-fresh N) N new queries per type that no other
+        # split and no SFT query asks, so RL cannot profit from answers SFT or earlier epochs memorised.
         self.train_queries = list(ds.queries["train"])
+        if cfg.rl_fresh:
+            seen = ds.all_queries() + (self.sft_queries() if cfg.sft_fresh else [])
+            self.train_queries = self._fresh(cfg.rl_fresh, cfg.seed + 104729, seen)
         self.candidates = CandidateSampler(ds)
         self.show = tuple(a for a in cfg.show_attributes.split(",") if a)
 
@@ -131,7 +137,6 @@ class Trainer:
         self.curriculum = make_curriculum(cfg.curriculum, len(self.train_queries), seed=cfg.seed, tau=cfg.tau,
                                           batch_size=cfg.batch_size, total_steps=cfg.max_steps)
         self.phase, self.step_no, self.sft_step_no, self.nan_streak = "sft", 0, 0, 0
-        self._sft_queries: list[Query] | None = None  # built on first use (sft_queries)
         self.optimizer = self._optimizer(cfg.sft_learning_rate if cfg.sft_steps else cfg.learning_rate)
 
     # ------------------------------------------------------------------------- setup
@@ -191,15 +196,17 @@ class Trainer:
         """The warm start's queries: the train split, or (--sft-fresh N) N new queries per type that
         are none of the train or test queries. Deterministic for a seed (a resume rebuilds the same)."""
         if self._sft_queries is None:
-            if self.cfg.sft_fresh:
-                ds = self.ds
-                histories = {u: ds.history(u) for u in ds.interactions.user_ids}
-                self._sft_queries = fresh_queries(list(ds.items.values()), histories, ds.users,
-                                                  per_type=self.cfg.sft_fresh, seed=self.cfg.seed + 7919,
-                                                  exclude=ds.all_queries())
-            else:
-                self._sft_queries = self.train_queries
+            self._sft_queries = (self._fresh(self.cfg.sft_fresh, self.cfg.seed + 7919, self.ds.all_queries())
+                                 if self.cfg.sft_fresh else list(self.ds.queries["train"]))
         return self._sft_queries
+
+    def _fresh(self, per_type: int, seed: int, exclude: list[Query]) -> list[Query]:
+        """`per_type` new queries of each type from the dataset's catalogue and histories, none the same
+        question as any of `exclude` (deterministic for a seed: a resume rebuilds the same ones)."""
+        ds = self.ds
+        histories = {u: ds.history(u) for u in ds.interactions.user_ids}
+        return fresh_queries(list(ds.items.values()), histories, ds.users, per_type=per_type, seed=seed,
+                             exclude=exclude)
 
     def sft_step(self) -> dict:
         """One teacher-forced step on gold reasoning (+ optionally an LM loss on the prompt, and on

@@ -332,3 +332,21 @@ def test_sft_fresh_never_trains_on_train_or_test_queries_and_facts_add_rows(micr
     # without --sft-fresh the warm start reads the train split
     assert Trainer(micro_config(micro_model, tmp_path / "g"), ds, micro_model, torch.device("cpu")).sft_queries() \
         == ds.queries["train"]
+
+
+def test_rl_fresh_draws_rollouts_from_queries_no_split_and_no_sft_query_asks(micro_model, tmp_path, ds):
+    """--rl-fresh N: RL's pool is new queries (none the same question as a train, test or SFT query),
+    the curriculum sized to it, and a resumed Trainer rebuilds the very same pool."""
+    from rerec_mini.querygen import signature
+    cfg = micro_config(micro_model, tmp_path / "r", sft_fresh=20, rl_fresh=20)
+    tr = Trainer(cfg, ds, micro_model, torch.device("cpu"))
+    taken = {signature(q) for q in ds.all_queries() + tr.sft_queries()}
+    pool = tr.train_queries
+    assert pool and all(signature(q) not in taken for q in pool)
+    assert len({signature(q) for q in pool}) == len(pool)
+    assert tr.curriculum.n == len(pool) != len(ds.queries["train"])
+    tr.start_rl()
+    b = tr.rollout()
+    assert {q.query_id for q in b.queries} <= {q.query_id for q in pool}
+    again = Trainer(cfg, ds, micro_model, torch.device("cpu")).train_queries
+    assert [q.query_id for q in again] == [q.query_id for q in pool] and [q.text for q in again] == [q.text for q in pool]
