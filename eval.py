@@ -22,7 +22,7 @@ from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, 
 from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
 from rerec_mini.prompts import NEGATIVE_MODES, CandidateSampler, eos_ids
 from rerec_mini.rewards import RewardConfig, Scorer
-from rerec_mini.run import open_dataset, pick_device, training_state
+from rerec_mini.run import checkpoint_config, open_dataset, pick_device
 
 # Settings without a checkpoint config (a base model): flag > the checkpoint's > these.
 DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
@@ -108,9 +108,7 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
 
 
 def evaluate(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)  # --model first: its training config sets the defaults
-    pre.add_argument("--model")
-    train_cfg = training_state(pre.parse_known_args(argv)[0].model).get("config", {})
+    train_cfg = checkpoint_config(argv)  # before the parser: --help shows the checkpoint's values
     args = parser(train_cfg).parse_args(argv)
     s = prompt_settings(args, train_cfg, DEFAULTS)
     device, model_dir, base_name, ds = check(args, s, train_cfg)

@@ -47,7 +47,7 @@ from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
 from .prompts import (NEGATIVE_MODES, CandidateSampler, build_messages, eos_ids, fmt_attributes,
                       match_answer, parse_answer)
-from .run import open_dataset, pick_device, training_state
+from .run import checkpoint_config, open_dataset, pick_device
 from .sampling import generate
 from .titles import TitleIndex
 
@@ -163,14 +163,20 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
     return list(dict.fromkeys(rv for _, rv in sorted(found)))
 
 
+def best_matches(ds: Dataset, conditions: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """(the items having the most of `conditions`, most interacted first (ties by id); how many they have)."""
+    fit = {iid: sum(it.has(*c) for c in conditions) for iid, it in ds.items.items()}
+    most = max(fit.values())
+    pop = ds.popularity
+    return sorted((i for i, f in fit.items() if f == most), key=lambda i: (-pop[ds.item_index[i]], i)), most
+
+
 def anchor_item(ds: Dataset, conditions: list[tuple[str, str]], seed: int) -> str:
     """The item a typed request's candidate set is built around: of the items with the most named
     values, the most interacted; with no named value, a seeded draw from the most-interacted quarter."""
-    pop = ds.popularity
     if conditions:
-        fit = {iid: sum(it.has(*c) for c in conditions) for iid, it in ds.items.items()}
-        most = max(fit.values())
-        return max((i for i, f in fit.items() if f == most), key=lambda i: pop[ds.item_index[i]])
+        return best_matches(ds, conditions)[0][0]
+    pop = ds.popularity
     by_pop = sorted(ds.item_ids, key=lambda i: -pop[ds.item_index[i]])
     return random.Random(f"{seed}:ask").choice(by_pop[:max(1, len(by_pop) // 4)])
 
@@ -302,9 +308,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
 
 
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)  # --model first: its training config sets the defaults
-    pre.add_argument("--model")
-    train_cfg = training_state(pre.parse_known_args(argv)[0].model).get("config", {})
+    train_cfg = checkpoint_config(argv)  # before the parser: --help shows the checkpoint's values
     args = parser(train_cfg).parse_args(argv)
     try:
         s, model_dir, ds, device = settings_and_checks(args, train_cfg)

@@ -310,15 +310,12 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
 
 def text_query(request: str, ds: Dataset) -> tuple[Query, str]:
     """A --text request as an explicit query (see the module docstring) and what was assumed."""
-    from .ask import Vocabulary, named_conditions  # the typed-request reader ask.py uses
+    from .ask import Vocabulary, best_matches, named_conditions  # the typed-request reader ask.py uses
     conditions = named_conditions(request, Vocabulary.of(ds))
     if not conditions:
         raise UsageError(f"--text {request!r} names no attribute value of the catalogue (a genre, person, country, "
                          "decade, ...): there is no ground truth to score against; name one, or use --query")
-    fit = {iid: sum(it.has(*c) for c in conditions) for iid, it in ds.items.items()}
-    best = max(fit.values())
-    pop = ds.popularity
-    truth = sorted((i for i, f in fit.items() if f == best), key=lambda i: (-pop[ds.item_index[i]], i))
+    truth, best = best_matches(ds, conditions)
     named = "; ".join(f"{rel}: {v}" for rel, v in conditions)
     if best == len(conditions):
         assumed = (f"--text: a free request has no ground truth; assumed an explicit query with the values it names "

@@ -24,6 +24,7 @@ a finished run.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -84,6 +85,14 @@ def training_state(model) -> dict:
     """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else)."""
     path = Path(model) / "trainer_state" / "state.json" if model else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def checkpoint_config(argv) -> dict:
+    """The training config of the checkpoint that argv's --model names ({} for a base model): a command
+    line reads it before building its parser, so its defaults (and --help) are the checkpoint's."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    return training_state(pre.parse_known_args(argv)[0].model).get("config", {})
 
 
 def dataset_texts(ds: Dataset) -> list[str]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rerec_mini import ablate
-from rerec_mini.config import BUNDLED_DATA, Config
-from rerec_mini.data import QUERY_TYPES, load_dataset
+from rerec_mini.config import Config
+from rerec_mini.data import QUERY_TYPES
 from rerec_mini.evaluate import (evaluate_baseline, evaluate_policy, markdown_table, ndcg_at_k, recall_at_k,
                                  relevant_items, retention, stratified_head, summarise)
 from rerec_mini.model import build_tiny, load_model, load_tokenizer
@@ -21,11 +21,6 @@ from rerec_mini.rewards import RewardConfig, Scorer
 from rerec_mini.run import dataset_texts, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(BUNDLED_DATA)
 
 
 @pytest.fixture(scope="module")

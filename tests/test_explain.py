@@ -19,27 +19,12 @@ import torch
 from rerec_mini import explain as X
 from rerec_mini import raae
 from rerec_mini import trainer as T
-from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, Config
+from rerec_mini.config import REPO_ROOT, Config
 from rerec_mini.curriculum import make_curriculum
-from rerec_mini.data import load_dataset
-from rerec_mini.model import build_tiny
-from rerec_mini.run import dataset_texts
 from rerec_mini.sampling import Rollouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 G = 5
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(BUNDLED_DATA)
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory, ds):
-    """A ~60k-parameter model + tokenizer trained on the bundled data (as tests/test_trainer.py's)."""
-    return str(build_tiny(tmp_path_factory.mktemp("micro") / "m", dataset_texts(ds), vocab_size=400, hidden_size=32,
-                          num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,12 @@ import pytest
 import torch
 
 from rerec_mini.config import BUNDLED_DATA, Config, UsageError, validate
-from rerec_mini.data import load_dataset
-from rerec_mini.model import build_tiny
-from rerec_mini.run import checkpoints, dataset_texts
+from rerec_mini.run import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")  # the command line, in process
 train_py = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_py)
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory):
-    ds = load_dataset(BUNDLED_DATA)
-    return str(build_tiny(tmp_path_factory.mktemp("micro") / "m", dataset_texts(ds), vocab_size=400, hidden_size=32,
-                          num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
 
 
 def micro_flags(model: str, out: Path, **kw) -> list[str]:

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from rerec_mini import trainer as T
-from rerec_mini.config import BUNDLED_DATA, TINY_PRESET, Config, resolve_config
-from rerec_mini.data import load_dataset
-from rerec_mini.model import build_tiny, load_model, load_tokenizer, token_logprobs
+from rerec_mini.config import TINY_PRESET, Config, resolve_config
+from rerec_mini.model import load_model, load_tokenizer, token_logprobs
 from rerec_mini.prompts import eos_ids, turn_end_id
-from rerec_mini.run import Run, dataset_texts, prepare, train
+from rerec_mini.run import Run, prepare, train
 from rerec_mini.trainer import Trainer, TrainingStopped, frozen_copy
 
 REQUIRED = ["step", "phase", "reward", "reward_std", "rewards/format/mean", "rewards/rec/mean", "rewards/qas/mean",
@@ -23,18 +22,6 @@ REQUIRED = ["step", "phase", "reward", "reward_std", "rewards/format/mean", "rew
             "completions/mean_length", "completions/clipped_ratio", "kl", "entropy", "clip_ratio/region_mean",
             "grad_norm", "learning_rate", "raae/penalised_token_frac", "sampling/logp_diff_mean",
             "time/sample", "time/score", "time/update", "tokens_per_s"]
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(BUNDLED_DATA)
-
-
-@pytest.fixture(scope="module")
-def micro_model(tmp_path_factory, ds):
-    """A ~60k-parameter model + tokenizer trained on the bundled data: seconds per run."""
-    return str(build_tiny(tmp_path_factory.mktemp("micro") / "m", dataset_texts(ds), vocab_size=400, hidden_size=32,
-                          num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64))
 
 
 def micro_config(model: str, out: Path, **kw) -> Config:
