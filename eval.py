@@ -49,6 +49,8 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--hard-negatives", type=int, help="hard negatives per candidate set" + d("hard_negatives"))
     p.add_argument("--show-attributes", help="candidate attributes shown, e.g. genre,director" + d("show_attributes"))
     p.add_argument("--history-len", type=int, help="recent history titles in the prompt" + d("history_len"))
+    p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
+                   help="the request after the candidate list" + d("request_last"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens per answer" + d("max_completion_length"))
@@ -130,6 +132,7 @@ def evaluate(argv=None) -> int:
     common = dict(scorer=scorer, candidate_sampler=CandidateSampler(ds), num_candidates=s["num_candidates"],
                   hard_negatives=s["hard_negatives"], negatives=s["negatives"], seed=s["seed"])
     prompt = dict(history_len=s["history_len"], show_attributes=show, answer_size=s["answer_size"],
+                  request_last=s["request_last"],
                   max_new_tokens=s["max_completion_length"], batch_size=args.batch_size)
     results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos_ids(tokenizer, model.cfg.hf, model_dir),
                                         **common, **prompt)}

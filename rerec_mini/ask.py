@@ -85,6 +85,8 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--show-attributes",
                    help="candidate attributes shown, e.g. genre,director or auto" + d("show_attributes"))
     p.add_argument("--history-len", type=int, help="recent history titles in the prompt" + d("history_len"))
+    p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
+                   help="the request after the candidate list" + d("request_last"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens in the answer" + d("max_completion_length"))
@@ -212,7 +214,7 @@ class Assistant:
         s = self.s
         cands = self.sampler.sample(q, s["num_candidates"], s["hard_negatives"], s["seed"], s["negatives"])
         messages = build_messages(q, self.ds, cands, history_len=s["history_len"], show_attributes=self.show,
-                                  answer_size=s["answer_size"])
+                                  answer_size=s["answer_size"], request_last=s["request_last"])
         return cands, self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.no_grad()

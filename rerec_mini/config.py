@@ -96,10 +96,15 @@ class Config:
     history_len: int = _opt(0, "recent history titles shown in the prompt")
     show_attributes: str = _opt("", "candidate attributes shown in the prompt, e.g. genre,director; "
                                     "'auto': those the request names")
+    request_last: bool = _opt(False, "prompt: the candidate list first, then the request next to the answer (a model "
+                                     "from scratch learns to copy the request's values from there much sooner)")
     # SFT warm start
     sft_steps: int = _opt(0, "SFT steps on gold reasoning before RL (needed by from-scratch models)")
     sft_learning_rate: float = _opt(1e-5, "AdamW learning rate of the SFT warm start")
+    sft_lr_decay: bool = _opt(False, "SFT: after the warmup, decay the learning rate (cosine) to 0 at --sft-steps")
     sft_batch_size: int = _opt(16, "queries per SFT step")
+    sft_candidate_ramp: float = _opt(0.0, "SFT: start with 2 candidates per prompt and grow to --num-candidates "
+                                          "over this fraction of the SFT steps (0: all from the start)")
     sft_prompt_weight: float = _opt(0.0, "SFT: weight of a language-model loss on the prompt tokens (from-scratch models)")
     sft_fresh: int = _opt(0, "SFT on this many freshly generated queries per type (the query generator run on the "
                              "dataset's catalogue and histories, none the same question as a train or test query) "
@@ -120,6 +125,8 @@ class Config:
     tiny_layers: int = _opt(4, "tiny: transformer layers")
     tiny_hidden: int = _opt(256, "tiny: hidden size")
     tiny_vocab: int = _opt(2048, "tiny: BPE vocabulary size")
+    tiny_kind_init: bool = _opt(False, "tiny: each unit's embedding starts from a direction shared by its kind "
+                                       "(title, person, genre, ...) plus its own (needs --tiny-units)")
     tiny_units: bool = _opt(True, "tiny: every title and person / genre / place name is one token (--no-tiny-units: "
                                   "BPE pieces)")
 
@@ -207,6 +214,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
     need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")
+    need(0 <= cfg.sft_candidate_ramp <= 1, "sft_candidate_ramp", "must be in [0, 1] (a fraction of --sft-steps)")
     need(cfg.sft_facts >= 0, "sft_facts", "must be >= 0")
     need(cfg.sft_fresh >= 0, "sft_fresh", "must be >= 0 (0: SFT on the train split)")
     need(cfg.rl_fresh >= 0, "rl_fresh", "must be >= 0 (0: RL on the train split)")
@@ -216,6 +224,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.save_steps >= 1, "save_steps", "must be >= 1")
     need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0: keep all)")
     need(cfg.tiny_layers >= 1, "tiny_layers", "must be >= 1")
+    need(cfg.tiny_units or not cfg.tiny_kind_init, "tiny_kind_init", "needs --tiny-units (the kinds are those of the units)")
     need(cfg.tiny_hidden >= 8 and cfg.tiny_hidden % 4 == 0, "tiny_hidden", "must be >= 8 and divisible by 4 (heads)")
     need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
     w = reward_weights(cfg)

@@ -25,7 +25,7 @@ from .sampling import generate
 
 # Prompt settings of eval.py and ask: flag > the checkpoint's training config > these (a base model).
 PROMPT_DEFAULTS = dict(num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES, show_attributes="",
-                       history_len=0, answer_size=1, max_completion_length=512, seed=0)
+                       history_len=0, answer_size=1, request_last=False, max_completion_length=512, seed=0)
 
 
 def prompt_settings(args, train_cfg: dict, defaults: dict) -> dict:
@@ -109,7 +109,8 @@ def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_
 def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, scorer: Scorer,
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
-                    show_attributes: tuple[str, ...] = (), answer_size: int = 1, max_new_tokens: int = 512,
+                    show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
+                    max_new_tokens: int = 512,
                     eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
                     progress: bool = True, pool=None) -> dict:
     """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
@@ -121,7 +122,7 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     prompts = []
     for q, c in zip(queries, candidates):
         messages = build_messages(q, ds, c, history_len=history_len, show_attributes=show_attributes,
-                                  answer_size=answer_size)
+                                  answer_size=answer_size, request_last=request_last)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompts.append(tokenizer.encode(text, add_special_tokens=False))
     texts, lens = [], []

@@ -8,12 +8,13 @@ Also here: resolving a model name (dir, .gguf file, hub id, alias, `tiny`), the 
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -415,7 +416,7 @@ CHATML = ("{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '
 
 def build_tiny(out_dir, texts: Iterable[str], *, vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4,
                num_kv_heads=2, intermediate_size=512, max_position_embeddings=2048, seed=0,
-               units: Iterable[str] = ()) -> Path:
+               units: Iterable[str] | Mapping[str, str] = ()) -> Path:
     """A random-init Qwen2-style model (~3M parameters with the defaults: small enough to learn the
     synthetic task on 2 CPU cores in minutes) plus a byte-level BPE tokenizer trained on `texts`, with
     a ChatML template; saved in HF format. Deterministic for the same inputs.
@@ -423,7 +424,9 @@ def build_tiny(out_dir, texts: Iterable[str], *, vocab_size=2048, hidden_size=25
     units: strings that become one token each (added tokens, matched as whole words before BPE), e.g.
     every title and name of a catalogue: "find the candidate whose line has the requested value" is
     then matching single tokens, which a 2-layer model learns in minutes; spelled out in BPE pieces
-    it has to copy multi-token spans, which it did not learn in the demo's budget."""
+    it has to copy multi-token spans, which it did not learn in the demo's budget. A mapping
+    unit -> kind ("title", "genre", "person", ...) also sets how each unit's embedding starts: its
+    kind's shared random vector plus its own (see `_kind_init`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,8 +456,29 @@ def build_tiny(out_dir, texts: Iterable[str], *, vocab_size=2048, hidden_size=25
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True)
     cfg.hf = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
               "pad_token_id": ids["<|endoftext|>"], "torch_dtype": "float32", "dtype": "float32"}
-    save_model(CausalLM(cfg).init_weights(seed), out)
+    model = CausalLM(cfg).init_weights(seed)
+    if isinstance(units, Mapping):
+        _kind_init(model, {tok.token_to_id(u): kind for u, kind in units.items()}, seed)
+    save_model(model, out)
     return out
+
+
+@torch.no_grad()
+def _kind_init(model: CausalLM, kinds: dict[int, str], seed: int) -> None:
+    """Start each unit token's embedding as (its kind's vector + its own) / sqrt(2), both N(0, std).
+
+    Why: a unit such as "Bea Pike" occurs in a handful of training prompts, too few for its
+    embedding to learn on its own that it is a person, which is what a head needs to find "the
+    person in the request" or "the title on this line". Sharing a kind direction from the start
+    gives every unit of a kind that feature at step one (what pretraining gives an LLM's
+    embeddings), while the own random part keeps units apart, so copying and matching them by
+    identity works as well. The embedding is tied, so titles and names are also easy to emit."""
+    E = model.model.embed_tokens.weight
+    std = E[: min(E.shape[0], 256)].std().item()
+    g = torch.Generator().manual_seed(seed + 1)
+    vec = {k: torch.randn(E.shape[1], generator=g) * std for k in sorted(set(kinds.values()))}
+    for i, kind in kinds.items():
+        E[i] = (E[i] + vec[kind].to(E.dtype)) / math.sqrt(2.0)
 
 
 def tiny_texts(dataset_dir=None) -> list[str]:

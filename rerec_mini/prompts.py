@@ -200,12 +200,17 @@ def shown_relations(query: Query, show_attributes: Sequence[str]) -> tuple[str, 
 
 
 def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | None, *, history_len: int = 0,
-                   show_attributes: tuple[str, ...] = (), answer_size: int = 1) -> list[dict[str, str]]:
+                   show_attributes: tuple[str, ...] = (), answer_size: int = 1,
+                   request_last: bool = False) -> list[dict[str, str]]:
     """[system, user] chat messages for one query (rendered by `render_prompt`).
 
     The user message: the request; the last `history_len` titles of `query.history`; the
     candidates one per line (none in open generation); the answer instruction. Short on
     purpose: a tiny model must cope with it and CPU time grows with prompt length.
+    request_last: the candidates first, then the request, next to where the answer starts. The
+    answer begins by restating what the request asks for; a model trained from scratch learns to
+    copy those values much sooner when they are the nearest of their kind, not 200 tokens back
+    behind eight candidate lines full of other genres and names (BENCHMARKS.md, offline demo).
     """
     items = dataset.items
     lines = [f"Request: {query.text}"]
@@ -213,18 +218,18 @@ def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | N
     if recent:
         lines.append("Recently watched: " + "; ".join(items[i].title for i in recent))
     if candidates is not None:
-        lines.append("Candidates:")
         relations = shown_relations(query, show_attributes)
-        lines += [candidate_line(items[i], relations) for i in candidates]
+        listed = ["Candidates:"] + [candidate_line(items[i], relations) for i in candidates]
+        lines = listed + lines if request_last else lines + listed
     lines.append(answer_instruction(answer_size))
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
 def render_prompt(query: Query, dataset: Dataset, candidates: Sequence[str] | None, tokenizer, *, history_len: int = 0,
-                  show_attributes: tuple[str, ...] = (), answer_size: int = 1) -> str:
+                  show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False) -> str:
     """The prompt text through the tokenizer's chat template, ending where the assistant starts."""
     messages = build_messages(query, dataset, candidates, history_len=history_len,
-                              show_attributes=show_attributes, answer_size=answer_size)
+                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -107,19 +107,25 @@ def dataset_texts(ds: Dataset) -> list[str]:
     return texts
 
 
-def tiny_units(ds: Dataset) -> list[str]:
-    """What the tiny tokenizer keeps whole (--tiny-units): every title and every attribute value
-    but years (four digits; they appear inside every title anyway)."""
-    units = {it.title for it in ds.items.values()}
-    units |= {v for it in ds.items.values() for rel, vs in it.attributes.items() if rel != "year" for v in vs}
-    return sorted(units)
+def tiny_units(ds: Dataset) -> dict[str, str]:
+    """What the tiny tokenizer keeps whole (--tiny-units), each with its kind: every title ("title")
+    and every attribute value but years (four digits; they appear inside every title anyway), of
+    the kind of its relation, where director, writer and starring are all "person" (one name can be
+    all three)."""
+    person = {"director", "writer", "starring"}
+    units = {v: ("person" if rel in person else rel)
+             for it in ds.items.values() for rel, vs in it.attributes.items() if rel != "year" for v in vs}
+    units.update({it.title: "title" for it in ds.items.values()})
+    return dict(sorted(units.items()))
 
 
 def build_tiny_start(cfg: Config, ds: Dataset, path: Path) -> Path:
-    """`--model tiny`: a random-init model and a tokenizer trained on the dataset, per the tiny_* flags."""
+    """`--model tiny`: a random-init model and a tokenizer trained on the dataset, per the tiny_* flags
+    (units with their kinds, a mapping, start from their kind's direction: --tiny-kind-init)."""
+    units = tiny_units(ds) if cfg.tiny_units else {}
     return build_tiny(path, dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
                       num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed,
-                      units=tiny_units(ds) if cfg.tiny_units else ())
+                      units=units if cfg.tiny_kind_init else sorted(units))
 
 
 def dataset_hash(path: str | Path) -> str:

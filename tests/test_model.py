@@ -233,3 +233,39 @@ def test_tiny_units_are_single_tokens_and_decode_back(tmp_path):
     assert tok.convert_tokens_to_ids("Bea Pike") in ids
     assert "Horrors" not in [tok.decode([i]) for i in tok.encode("Horrors", add_special_tokens=False)]  # whole words only
     assert json.loads((path / "config.json").read_text())["vocab_size"] >= len(tok)
+
+
+def test_tiny_unit_kinds_share_a_direction_in_the_initial_embedding(tmp_path):
+    """units given as {unit: kind}: each unit's embedding starts as (its kind's vector + its own) / sqrt(2),
+    so units of one kind point the same way (cosine ~1/2) and units of different kinds do not (~0)."""
+    import torch.nn.functional as F
+    from rerec_mini.model import build_tiny, load_model, load_tokenizer
+    kinds = {f"Person{i}": "person" for i in range(40)} | {f"Genre{i}": "genre" for i in range(40)}
+    texts = [" ".join(kinds)] * 5
+    kw = dict(vocab_size=300, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+    path = build_tiny(tmp_path / "k", texts, units=kinds, **kw)
+    tok, E = load_tokenizer(path), load_model(path).model.embed_tokens.weight.detach()
+    vec = {u: E[tok.convert_tokens_to_ids(u)] for u in kinds}
+
+    def mean_cos(a, b):
+        return sum(F.cosine_similarity(vec[x], vec[y], dim=0).item() for x in a for y in b if x != y) / \
+            sum(1 for x in a for y in b if x != y)
+    people, genres = [u for u in kinds if kinds[u] == "person"], [u for u in kinds if kinds[u] == "genre"]
+    assert 0.35 < mean_cos(people, people) < 0.65 and 0.35 < mean_cos(genres, genres) < 0.65
+    assert abs(mean_cos(people, genres)) < 0.15
+    # other tokens keep the plain init scale; a plain list of units adds no kind direction
+    plain = load_model(build_tiny(tmp_path / "p", texts, units=list(kinds), **kw)).model.embed_tokens.weight.detach()
+    pv = {u: plain[tok.convert_tokens_to_ids(u)] for u in kinds}
+    assert abs(sum(F.cosine_similarity(pv[x], pv[y], dim=0).item() for x in people for y in people if x != y)
+               / (40 * 39)) < 0.1
+    assert E.std().item() == pytest.approx(plain.std().item(), rel=0.2)
+
+
+def test_tiny_units_of_a_dataset_have_kinds(ds):
+    from rerec_mini.run import tiny_units
+    units = tiny_units(ds)
+    some = next(iter(ds.items.values()))
+    assert units[some.title] == "title"
+    assert {units[v] for v in some.attributes.get("director", [])} <= {"person"}
+    assert set(units.values()) <= {"title", "person", "genre", "country", "language", "decade"}
+    assert not any(k.isdigit() and len(k) == 4 for k in units)  # years stay BPE digits

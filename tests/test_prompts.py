@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from rerec_mini.data import Item, load_dataset
 from rerec_mini.prompts import (DEFAULT_NEGATIVES, NEGATIVE_MODES, CandidateSampler, build_candidates, build_messages,
-                                candidate_line, match_answer, parse_answer, render_prompt, render_sft_target,
-                                shown_relations)
+                                answer_instruction, candidate_line, match_answer, parse_answer, render_prompt,
+                                render_sft_target, shown_relations)
 from rerec_mini.titles import TitleIndex
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "synth-movies"
@@ -274,6 +274,21 @@ def test_messages_content(ds):
     _, plain = build_messages(q, ds, None, answer_size=3)
     assert "Recently watched" not in plain["content"] and "Candidates" not in plain["content"]
     assert "3 best titles" in plain["content"] and "\\boxed{Title (Year); Title (Year); ...}" in plain["content"]
+
+
+def test_request_last_moves_the_request_after_the_candidates_and_nothing_else(ds):
+    q = next(q for q in by_type(ds, "explicit") if len(q.history) >= 2)
+    c = build_candidates(q, ds, num_candidates=4)
+    kw = dict(history_len=2, show_attributes=("auto",))
+    first = build_messages(q, ds, c, **kw)[1]["content"].splitlines()
+    last = build_messages(q, ds, c, request_last=True, **kw)[1]["content"].splitlines()
+    assert sorted(first) == sorted(last) and first != last
+    assert first[0] == f"Request: {q.text}" and last[0] == "Candidates:"
+    lines = [candidate_line(ds.items[i], shown_relations(q, ("auto",))) for i in c]
+    assert last[1:5] == lines and last[5] == f"Request: {q.text}" and last[6].startswith("Recently watched: ")
+    assert last[-1] == first[-1] == answer_instruction(1)
+    # open generation has no list to move
+    assert build_messages(q, ds, None, request_last=True) == build_messages(q, ds, None)
 
 
 def test_auto_attributes_are_the_relations_the_request_names(ds):

@@ -224,6 +224,10 @@ def test_validate_warns_about_settings_that_cannot_learn():
     assert any("NDCG weight 0" in w for w in validate(Config(reward_weights="0.1,0,0.1,0.1")))
     with pytest.raises(UsageError, match="--loss-type 'sum'"):
         validate(Config(loss_type="sum"))
+    with pytest.raises(UsageError, match="--sft-candidate-ramp"):
+        validate(Config(sft_candidate_ramp=1.5))
+    with pytest.raises(UsageError, match="--tiny-kind-init.*needs --tiny-units"):
+        validate(Config(tiny_kind_init=True, tiny_units=False))
     assert validate(Config()) == []
 
 

@@ -337,3 +337,36 @@ def test_rl_fresh_draws_rollouts_from_queries_no_split_and_no_sft_query_asks(mic
     assert {q.query_id for q in b.queries} <= {q.query_id for q in pool}
     again = Trainer(cfg, ds, micro_model, torch.device("cpu")).train_queries
     assert [q.query_id for q in again] == [q.query_id for q in pool] and [q.text for q in again] == [q.text for q in pool]
+
+
+def test_sft_candidate_ramp_and_learning_rate_schedule(micro_model, tmp_path, ds):
+    """--sft-candidate-ramp F: 2 candidates at step 0, growing evenly to --num-candidates at F of the SFT
+    steps, then all of them; with --sft-lr-decay the SFT learning rate warms up, then decays (cosine) to 0
+    at the last step (without: warmup, then constant)."""
+    cfg = micro_config(micro_model, tmp_path / "c", num_candidates=8, sft_steps=100, sft_candidate_ramp=0.5,
+                       sft_learning_rate=1e-3, warmup_steps=10, sft_batch_size=3, sft_lr_decay=True)
+    tr = Trainer(cfg, ds, micro_model, torch.device("cpu"))
+    counts = [tr.sft_candidates(s) for s in range(100)]
+    assert counts[0] == 2 and counts[25] == 5 and counts[50:] == [8] * 50
+    assert all(a <= b for a, b in zip(counts, counts[1:]))
+    lrs = [tr.sft_lr_at(s) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and max(lrs) == pytest.approx(lrs[9], rel=1e-9) and lrs[9] < 1e-3
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[55] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.55)))
+    # the prompts of a step hold that step's count of candidates
+    seen = []
+    real = tr._pack
+    tr._pack = lambda p, c: (seen.extend(tr.tokenizer.decode(x) for x in p), real(p, c))[1]
+    tr.sft_step()
+    assert seen and all(s.count("\n") == seen[0].count("\n") for s in seen)
+    lines_2 = seen[0].count("\n")
+    seen.clear()
+    tr.sft_step_no = 60
+    tr.sft_step()
+    assert all(s.count("\n") == lines_2 + 6 for s in seen)
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(tr.sft_lr_at(60))
+    # off (the default): every step has them all
+    plain = Trainer(micro_config(micro_model, tmp_path / "d", num_candidates=8, sft_steps=100, warmup_steps=10,
+                                 sft_learning_rate=1e-3), ds, micro_model, torch.device("cpu"))
+    assert {plain.sft_candidates(s) for s in (0, 50, 99)} == {8}
+    assert plain.sft_lr_at(0) == pytest.approx(1e-4) and {plain.sft_lr_at(s) for s in (9, 50, 100)} == {1e-3}
