@@ -224,7 +224,8 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.save_steps >= 1, "save_steps", "must be >= 1")
     need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0: keep all)")
     need(cfg.tiny_layers >= 1, "tiny_layers", "must be >= 1")
-    need(cfg.tiny_units or not cfg.tiny_kind_init, "tiny_kind_init", "needs --tiny-units (the kinds are those of the units)")
+    need(cfg.tiny_units or not cfg.tiny_kind_init, "tiny_kind_init",
+         "needs --tiny-units (the kinds are those of the units)")
     need(cfg.tiny_hidden >= 8 and cfg.tiny_hidden % 4 == 0, "tiny_hidden", "must be >= 8 and divisible by 4 (heads)")
     need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
     w = reward_weights(cfg)

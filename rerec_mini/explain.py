@@ -570,10 +570,10 @@ def render_html(ex: Explanation) -> str:
 # The Config fields explain takes as flags (train.py's names): what shapes one step of one query.
 FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completion_length", "temperature", "top_p",
          "num_candidates", "negatives", "hard_negatives", "show_attributes", "history_len", "answer_size",
-         "request_last", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor", "raae_advantage",
-         "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap", "keep_truncated",
-         "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden", "tiny_vocab",
-         "tiny_units")
+         "request_last", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
+         "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap",
+         "keep_truncated", "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden",
+         "tiny_vocab", "tiny_units", "tiny_kind_init")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -242,8 +242,8 @@ class Trainer:
         rows = []
         for i in order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]:
             q = pool[i]
-            cands = self.candidates.sample(q, self.sft_candidates(s), cfg.hard_negatives, seed=cfg.seed + 1000 * (epoch + 1),
-                                           negatives=cfg.negatives)
+            cands = self.candidates.sample(q, self.sft_candidates(s), cfg.hard_negatives,
+                                           seed=cfg.seed + 1000 * (epoch + 1), negatives=cfg.negatives)
             # The target ends with the token the chat template closes an assistant turn with
             # (<|im_end|>, Llama-3's <|eot_id|>): what the model must emit to stop.
             target = self.tokenizer.encode(render_sft_target(q, self.ds), add_special_tokens=False) + [self.turn_end]
