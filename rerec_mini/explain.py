@@ -293,8 +293,7 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
     settings = {k: getattr(cfg, k) for k in (
         "num_generations", "temperature", "top_p", "max_completion_length", "num_candidates", "negatives",
         "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "seed", "no_raae",
-        "raae_penalty",
-        "raae_floor", "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon",
+        "raae_penalty", "raae_floor", "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon",
         "epsilon_high", "tis_cap", "keep_truncated", "curriculum", "tau", "difficulty_metric")}
     settings["step"] = tr.step_no
     return Explanation(

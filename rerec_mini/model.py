@@ -474,7 +474,7 @@ def _kind_init(model: CausalLM, kinds: dict[int, str], seed: int) -> None:
     embeddings), while the own random part keeps units apart, so copying and matching them by
     identity works as well. The embedding is tied, so titles and names are also easy to emit."""
     E = model.model.embed_tokens.weight
-    std = E[: min(E.shape[0], 256)].std().item()
+    std = E[:256].std().item()  # the scale init_weights gave every row
     g = torch.Generator().manual_seed(seed + 1)
     vec = {k: torch.randn(E.shape[1], generator=g) * std for k in sorted(set(kinds.values()))}
     for i, kind in kinds.items():

@@ -138,7 +138,9 @@ def run(preset: str = "cpu-small", *, device=None, dtype=None, prompts=None, sam
     floor_ms = 1e3 * (weight_bytes + kv_bytes) / bw
     return dict(
         preset=preset, model=model_name or "random weights", device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(), threads=threads, dtype=str(dtype).removeprefix("torch."),
+        device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else platform.processor() or platform.machine()),
+        threads=threads, dtype=str(dtype).removeprefix("torch."),
         layers=cfg.num_layers, params=model.num_parameters(), prompts=P, samples=G, rows=rows, prompt_len=L,
         new_tokens=N, repeats=opt["repeats"], cuda_graph=use_graph, graph_captures=pool.captures,
         hf_cache="static" if hf_static_cache else "dynamic",
