@@ -590,8 +590,8 @@ def parser() -> argparse.ArgumentParser:
         help_ = f.metadata["help"] + " [a checkpoint's training value, else train.py's default" + \
             (f"; tiny: {TINY_PRESET[name]}" if name in TINY_PRESET else "") + "]"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction if f.default else "store_true",
-                           help=help_)
+            on = f.default or TINY_PRESET.get(name)  # on by default or in the preset: --flag / --no-flag
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction if on else "store_true", help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
             p.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=help_)

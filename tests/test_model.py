@@ -261,6 +261,23 @@ def test_tiny_unit_kinds_share_a_direction_in_the_initial_embedding(tmp_path):
     assert E.std().item() == pytest.approx(plain.std().item(), rel=0.2)
 
 
+def test_tiny_tokenizer_keeps_the_prompts_fixed_words_short(ds, tmp_path):
+    """The tokenizer is trained on every train prompt as rendered, so the words every prompt repeats
+    merge into a few tokens (trained on one prompt, the instruction line was ~33 tokens)."""
+    from rerec_mini.model import build_tiny, load_tokenizer
+    from rerec_mini.prompts import SYSTEM, build_messages
+    from rerec_mini.run import dataset_texts, tiny_units
+    path = build_tiny(tmp_path / "t", dataset_texts(ds), vocab_size=1024, hidden_size=16, num_layers=1, num_heads=2,
+                      num_kv_heads=1, intermediate_size=32, units=tiny_units(ds))
+    tok = load_tokenizer(path)
+    q = ds.queries["test"][0]
+    instruction = build_messages(q, ds, q.ground_truth[:1])[1]["content"].splitlines()[-1]
+    assert instruction.startswith("Reason")
+    assert len(tok.encode(instruction, add_special_tokens=False)) <= 16  # one per word and sign
+    assert len(tok.encode(SYSTEM, add_special_tokens=False)) <= 6
+    assert len(tok.encode("Candidates:", add_special_tokens=False)) <= 2
+
+
 def test_tiny_units_of_a_dataset_have_kinds(ds):
     from rerec_mini.run import tiny_units
     units = tiny_units(ds)

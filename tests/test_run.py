@@ -226,8 +226,6 @@ def test_validate_warns_about_settings_that_cannot_learn():
         validate(Config(loss_type="sum"))
     with pytest.raises(UsageError, match="--sft-candidate-ramp"):
         validate(Config(sft_candidate_ramp=1.5))
-    with pytest.raises(UsageError, match="--tiny-kind-init.*needs --tiny-units"):
-        validate(Config(tiny_kind_init=True, tiny_units=False))
     assert validate(Config()) == []
 
 
@@ -237,6 +235,23 @@ def test_train_py_help_lists_every_option_once_with_real_defaults():
     for name in asdict(Config()):
         assert "--" + name.replace("_", "-") in out, name
     assert "(tiny: " in out and "[]" not in out and "exit codes" in out
+
+
+def test_switches_the_tiny_preset_turns_on_can_be_turned_off():
+    """A boolean the preset sets (--request-last, --sft-lr-decay, --tiny-kind-init) gets a --no- form,
+    and the user's --no- wins over the preset; one off everywhere stays a plain switch."""
+    from rerec_mini.config import TINY_PRESET, resolve_config
+    on = [name for name, v in TINY_PRESET.items() if v is True]
+    assert {"request_last", "sft_lr_decay", "tiny_kind_init"} <= set(on)
+    for name in on:
+        flags = vars(train_py.parser().parse_args(["--no-" + name.replace("_", "-")]))
+        assert flags == {name: False}
+        assert getattr(resolve_config({"model": "tiny", **flags}), name) is False
+        assert getattr(resolve_config({"model": "tiny"}), name) is True
+    with pytest.raises(SystemExit):
+        train_py.parser().parse_args(["--no-rl-fresh"])  # not a switch: an int, 0 by default
+    with pytest.raises(SystemExit):
+        train_py.parser().parse_args(["--no-raae-claims"])  # off by default and in the preset
 
 
 def test_overwrite_removes_a_runs_files_and_nothing_else(micro_model, tmp_path, capsys):
