@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from rerec_mini.config import TINY_PRESET, Config, UsageError
+from rerec_mini.config import TINY_PRESET, Config, UsageError, negatable
 from rerec_mini.run import train
 from rerec_mini.trainer import TrainingStopped
 
@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flags = ["--" + f.name.replace("_", "-")] + ([OLD_NAMES[f.name]] if f.name in OLD_NAMES else [])
         help_ = f.metadata["help"] + (f" (tiny: {TINY_PRESET[f.name]})" if f.name in TINY_PRESET else "")
-        if f.type in (bool, "bool"):  # on by default (or in the tiny preset): --flag / --no-flag
-            action = argparse.BooleanOptionalAction if f.default or TINY_PRESET.get(f.name) else "store_true"
+        if f.type in (bool, "bool"):  # --flag, and --no-flag where it can be on without it
+            action = argparse.BooleanOptionalAction if negatable(f.name) else "store_true"
             p.add_argument(*flags, dest=f.name, action=action, help=help_)
         elif "nargs" in f.metadata:  # --resume [PATH]
             p.add_argument(*flags, dest=f.name, nargs=f.metadata["nargs"], const=f.metadata["const"], metavar="PATH",

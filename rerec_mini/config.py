@@ -144,6 +144,12 @@ TINY_PRESET = dict(
     warmup_steps=5, beta=0.0, micro_batch_size=48, save_steps=50,
 )
 
+def negatable(name: str) -> bool:
+    """Whether switch `name` needs a --no- form on the command line: it is on by default, or the
+    tiny preset turns it on (so a user can turn it off again)."""
+    return bool(Config.__dataclass_fields__[name].default or TINY_PRESET.get(name))
+
+
 # Flags that only change how a run is carried out or looked at, not what it computes: a resumed
 # run may change them freely. Every other flag changes the run's meaning (--override-config).
 # Not here: device (cpu <-> cuda switches precision=auto between fp32 and bf16). Two caveats:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import raae
-from .config import TINY_PRESET, Config, UsageError, resolve_config, validate
+from .config import TINY_PRESET, Config, UsageError, negatable, resolve_config, validate
 from .curriculum import BucketCurriculum, make_curriculum
 from .data import Dataset, Query
 from .grpo import StepNorm, loss_type_name, policy_loss
@@ -590,8 +590,8 @@ def parser() -> argparse.ArgumentParser:
         help_ = f.metadata["help"] + " [a checkpoint's training value, else train.py's default" + \
             (f"; tiny: {TINY_PRESET[name]}" if name in TINY_PRESET else "") + "]"
         if f.type in (bool, "bool"):
-            on = f.default or TINY_PRESET.get(name)  # on by default or in the preset: --flag / --no-flag
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction if on else "store_true", help=help_)
+            action = argparse.BooleanOptionalAction if negatable(name) else "store_true"
+            p.add_argument(flag, dest=name, action=action, help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
             p.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=help_)
