@@ -4,10 +4,10 @@
     python -m rerec_mini.ask --model runs/X/final --query test-implicit-00003
     python -m rerec_mini.ask --model runs/X/final            # one request per line from stdin
 
-The prompt is built exactly as training builds it: a candidate set from `CandidateSampler`, the
-messages of `build_messages`, the tokenizer's chat template, greedy decoding with our sampler up to
-the end-of-turn ids of `eos_ids`. The answer's last `\\boxed{}` is read back with `parse_answer` and
-matched to the catalogue (candidates first), as the scorer does.
+The prompt is built exactly as training builds it: a candidate set from `CandidateSampler`, then
+`render_prompt` (the messages of `build_messages` through the tokenizer's chat template); greedy
+decoding with our sampler runs up to the end-of-turn ids of `eos_ids`. The answer's last `\\boxed{}`
+is read back with `parse_answer` and matched to the catalogue (candidates first), as the scorer does.
 
 Settings come from the flag, else the checkpoint's training config (trainer_state/state.json, as in
 eval.py), else eval.py's defaults; `--help` after `--model CKPT` shows the values that will be used.
@@ -45,8 +45,8 @@ from .config import BUNDLED_DATA, UsageError
 from .data import Dataset, Query
 from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
-from .prompts import (NEGATIVE_MODES, CandidateSampler, build_messages, eos_ids, fmt_attributes,
-                      match_answer, parse_answer)
+from .prompts import (NEGATIVE_MODES, CandidateSampler, eos_ids, fmt_attributes, match_answer,
+                      parse_answer, render_prompt)
 from .run import checkpoint_config, open_dataset, pick_device
 from .sampling import generate
 from .titles import TitleIndex
@@ -213,9 +213,9 @@ class Assistant:
         """(candidate ids or None, the chat-template prompt text), exactly as the trainer builds them."""
         s = self.s
         cands = self.sampler.sample(q, s["num_candidates"], s["hard_negatives"], s["seed"], s["negatives"])
-        messages = build_messages(q, self.ds, cands, history_len=s["history_len"], show_attributes=self.show,
-                                  answer_size=s["answer_size"], request_last=s["request_last"])
-        return cands, self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return cands, render_prompt(q, self.ds, cands, self.tokenizer, history_len=s["history_len"],
+                                    show_attributes=self.show, answer_size=s["answer_size"],
+                                    request_last=s["request_last"])
 
     @torch.no_grad()
     def ask(self, q: Query, known: bool, show_prompt: bool = False) -> dict:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import QUERY_TYPES, Dataset, Query
-from .prompts import DEFAULT_NEGATIVES, CandidateSampler, build_messages
+from .prompts import DEFAULT_NEGATIVES, CandidateSampler, render_prompt
 from .rewards import Scorer
 from .sampling import generate
 
@@ -121,9 +121,8 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = []
     for q, c in zip(queries, candidates):
-        messages = build_messages(q, ds, c, history_len=history_len, show_attributes=show_attributes,
-                                  answer_size=answer_size, request_last=request_last)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
+                             answer_size=answer_size, request_last=request_last)
         prompts.append(tokenizer.encode(text, add_special_tokens=False))
     texts, lens = [], []
     # Similar lengths together: less padding in each batch.

@@ -38,7 +38,7 @@ from .evaluate import evaluate_policy, stratified_head
 from .grpo import StepNorm, loss_type_name, policy_loss
 from .model import CausalLM, load_model, load_tokenizer, token_logprobs
 from .querygen import fresh_queries
-from .prompts import CandidateSampler, build_messages, eos_ids, item_facts, render_sft_target, turn_end_id
+from .prompts import CandidateSampler, eos_ids, item_facts, render_prompt, render_sft_target, turn_end_id
 from .rewards import RewardBreakdown, RewardConfig, Scorer
 from .sampling import DecoderPool, generate
 
@@ -194,10 +194,9 @@ class Trainer:
         self.sync_rollout_model()
 
     def prompt_ids(self, q: Query, candidates) -> list[int]:
-        messages = build_messages(q, self.ds, candidates, history_len=self.cfg.history_len,
-                                  show_attributes=self.show, answer_size=self.cfg.answer_size,
-                                  request_last=self.cfg.request_last)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_prompt(q, self.ds, candidates, self.tokenizer, history_len=self.cfg.history_len,
+                             show_attributes=self.show, answer_size=self.cfg.answer_size,
+                             request_last=self.cfg.request_last)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], move: bool = True):
