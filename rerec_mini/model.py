@@ -227,15 +227,24 @@ class CausalLM(nn.Module):
 
 # ----------------------------------------------------------------------------- log-probs for training
 
-def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, chunk_size=1024, with_entropy=False):
+# Below this many logit entries (positions x vocabulary; 128 MiB in float32) the head's chunks are not
+# checkpointed: holding them costs little, and recomputing them in backward cost the tiny demo's SFT a
+# seventh of its time (BENCHMARKS.md, "Offline tiny demo"). Above it (a real vocabulary, many rollouts)
+# memory wins.
+KEEP_LOGITS = 2 ** 25
+
+
+def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, chunk_size=1024, with_entropy=False,
+                   keep_logits=None):
     """Log-probs of the target tokens under softmax(logits / temperature), computed chunk by chunk.
 
     input_ids: [B, T] right-padded rows (prompt + completion); target_mask: [B, T] bool, True where
     input_ids[b, t] is a target predicted from position t-1 (so target_mask[:, 0] must be False).
     Returns logprobs [B, T] float32 (0 where the mask is False), and entropy [B, T] (of the
     predicting distribution, 0 off-mask) when with_entropy. Only the N masked positions reach the
-    head, chunk_size at a time; with grad enabled each chunk is checkpointed, so neither forward
-    nor backward ever holds more than one chunk of [chunk_size, V] logits.
+    head, chunk_size at a time; with grad enabled and N * V > keep_logits (default: KEEP_LOGITS) each
+    chunk is checkpointed, so neither forward nor backward ever holds more than one chunk of
+    [chunk_size, V] logits (the values and gradients are the same either way).
     """
     if bool(target_mask[:, 0].any()):
         raise ValueError("target_mask[:, 0] must be False: the first token has no preceding position")
@@ -248,10 +257,12 @@ def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, 
         lp = logp.gather(-1, tc[:, None])[:, 0]
         return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else (lp,)
 
+    keep = KEEP_LOGITS if keep_logits is None else keep_logits
+    recompute = torch.is_grad_enabled() and h_sel.shape[0] * model.model.embed_tokens.num_embeddings > keep
     outs = []
     for i in range(0, h_sel.shape[0], chunk_size):
         hc, tc = h_sel[i:i + chunk_size], targets[i:i + chunk_size]
-        outs.append(checkpoint(score, hc, tc, use_reentrant=False) if torch.is_grad_enabled() else score(hc, tc))
+        outs.append(checkpoint(score, hc, tc, use_reentrant=False) if recompute else score(hc, tc))
 
     def scatter(k):
         vals = torch.cat([o[k] for o in outs]) if outs else h.new_zeros(0, dtype=torch.float32)

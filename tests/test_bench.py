@@ -38,3 +38,13 @@ def test_sampler_bench_on_a_real_checkpoint_reads_its_weights():
                       threads=1)
     assert res["model"] == "tiny" and res["params"] == load_model("tiny").num_parameters()
     assert res["rows"] == 4 and res["ours_tok_s"] > 0 and res["hf_tok_s"] > 0
+
+
+def test_sft_bench_times_both_head_paths_and_restores_the_threshold():
+    from rerec_mini import model as model_module
+    from rerec_mini.bench.train import run_sft
+    before = model_module.KEEP_LOGITS
+    out = run_sft("cpu", steps=1, warmup=0)
+    assert out["sft_step_s_kept"] > 0 and out["sft_step_s_recomputed"] > 0
+    assert out["speedup"] == round(out["sft_step_s_recomputed"] / out["sft_step_s_kept"], 3)
+    assert model_module.KEEP_LOGITS == before

@@ -116,8 +116,9 @@ def small_model(tie=True, seed=0):
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_token_logprobs_equal_naive(with_entropy):
-    """The chunked, checkpointed path against one full log_softmax: values and parameter gradients."""
+@pytest.mark.parametrize("keep_logits", [0, 10 ** 6])  # 0: every chunk checkpointed; 10**6: all kept
+def test_token_logprobs_equal_naive(with_entropy, keep_logits):
+    """The chunked path, checkpointed or not, against one full log_softmax: values and parameter gradients."""
     model = small_model(tie=False)
     ids = torch.randint(0, 512, (3, 20))
     mask = torch.zeros(3, 20, dtype=torch.bool)
@@ -138,7 +139,8 @@ def test_token_logprobs_equal_naive(with_entropy):
         return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
 
     def chunked():
-        out = token_logprobs(model, ids, mask, temperature=T, chunk_size=4, with_entropy=with_entropy)
+        out = token_logprobs(model, ids, mask, temperature=T, chunk_size=4, with_entropy=with_entropy,
+                             keep_logits=keep_logits)
         return out if with_entropy else (out, torch.zeros_like(out))
 
     ref, got = values_and_grads(naive), values_and_grads(chunked)

@@ -13,6 +13,12 @@ per trained rollout, counted once: gradient-checkpoint recompute is hardware wor
 so it lowers MFU rather than being counted. Peak: --peak-tflops (989 = H100/H200 SXM bf16 dense).
 Random weights rarely emit EOS, so the 1.5B preset trains on truncated rollouts (keep_truncated):
 every rollout is --max-completion-length tokens and every one trains.
+
+    python -m rerec_mini.bench train --sft-steps 40       # the tiny preset's SFT step, two ways
+
+times SFT steps of the tiny preset at 8 candidates (the prompt-token loss scores every position),
+alternating the log-prob head's two paths step by step: logits kept for backward (the default below
+model.KEEP_LOGITS entries) and every chunk checkpointed and recomputed (the only path before).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from ..config import BUNDLED_DATA, resolve_config
 from ..data import load_dataset
+from .. import model as model_module
 from ..model import CausalLM, ModelConfig, build_tiny, save_model
 from ..run import dataset_texts, pick_device
 from ..trainer import Trainer
@@ -122,6 +129,36 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
     return out
 
 
+def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
+    """Median seconds per tiny-preset SFT step with the head's logits kept and recomputed, the two
+    arms alternating so that both see the same mix of batches and the same machine noise."""
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model("tiny", Path(tmp), None)
+        # The train split rather than --sft-fresh's generated queries: the same prompts, no minute of generation.
+        cfg = resolve_config({"model": "tiny", "device": device, "output_dir": tmp, "sft_candidate_ramp": 0.0,
+                              "sft_fresh": 0})
+        tr = Trainer(replace(cfg, model=model), load_dataset(cfg.data), model, dev)
+        times: dict[str, list[float]] = {"kept": [], "recomputed": []}
+        default = model_module.KEEP_LOGITS
+        try:
+            for k in range(2 * (warmup + steps)):
+                arm = ("kept", "recomputed")[k % 2]
+                model_module.KEEP_LOGITS = default if arm == "kept" else 0
+                t0 = time.perf_counter()
+                tr.sft_step()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if k >= 2 * warmup:
+                    times[arm].append(time.perf_counter() - t0)
+        finally:
+            model_module.KEEP_LOGITS = default
+    med = {arm: statistics.median(ts) for arm, ts in times.items()}
+    return {"preset": "tiny", "device": str(dev), "threads": torch.get_num_threads(), "sft_steps_per_arm": steps,
+            "sft_step_s_kept": round(med["kept"], 4), "sft_step_s_recomputed": round(med["recomputed"], 4),
+            "speedup": round(med["recomputed"] / med["kept"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rerec_mini.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,9 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (allocation, CUDA graphs)")
     p.add_argument("--layers", type=int, help="override the layer count (a smoke run of a big preset on CPU)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (bf16 dense)")
+    p.add_argument("--sft-steps", type=int, default=0,
+                   help="instead: time this many tiny-preset SFT steps per head path (logits kept / recomputed)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-    out = run(args.preset, args.device, args.steps, args.warmup, args.layers, args.peak_tflops)
+    if args.sft_steps:
+        out = run_sft(args.device, args.sft_steps)
+    else:
+        out = run(args.preset, args.device, args.steps, args.warmup, args.layers, args.peak_tflops)
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
