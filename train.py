@@ -1,8 +1,9 @@
 """Train a recommendation assistant with ReRec: `python train.py --model tiny` (offline demo).
 
 Every option is a field of rerec_mini.config.Config; `python train.py --help` lists them.
-`--model tiny` fills unset options from TINY_PRESET (a ~0.4M-parameter model trained from
-scratch: SFT warm start, then ReRec GRPO, on two CPU cores). The run's lifecycle (checks,
+`--model tiny` fills unset options from TINY_PRESET (a ~0.6M-parameter model trained from
+scratch: SFT warm start, then ReRec GRPO, on two CPU cores); `--model runs/X/final` fills unset
+prompt options from that checkpoint's training (config.PROMPT_FORMAT). The run's lifecycle (checks,
 output directory, resume, checkpoints, exit codes) is described in rerec_mini/run.py.
 """
 
@@ -26,7 +27,9 @@ OLD_NAMES = {"save_steps": "--save-every", "eval_steps": "--eval-every"}
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="ReRec reinforcement fine-tuning of an LLM recommendation assistant. "
-                    "Defaults in brackets; with --model tiny, unset options come from the tiny preset.",
+                    "Defaults in brackets; with --model tiny, unset options come from the tiny preset; with "
+                    "--model a checkpoint of ours (runs/X/final), unset prompt options (candidates, attributes, "
+                    "request position, history, answer size, completion length) come from its training.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     for f in fields(Config):
         flags = ["--" + f.name.replace("_", "-")] + ([OLD_NAMES[f.name]] if f.name in OLD_NAMES else [])

@@ -161,13 +161,25 @@ HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps",
             "logging_steps", "report_to", "save_steps", "save_total_limit"}
 
 
-def resolve_config(user: dict, saved: dict | None = None) -> Config:
+# The prompt's format. A new run that starts from one of our checkpoints (--model runs/X/final) takes
+# these from that checkpoint's training unless the user sets them, as eval.py and ask do: the demo's
+# model, trained on 8 candidates with the request last, would otherwise be handed 20 candidates with
+# the request first and no attributes, and start RL by relearning its format.
+PROMPT_FORMAT = ("num_candidates", "hard_negatives", "negatives", "show_attributes", "history_len", "answer_size",
+                 "request_last", "max_completion_length")
+
+
+def resolve_config(user: dict, saved: dict | None = None, start: dict | None = None) -> Config:
     """The user's flags, over a resumed run's saved settings (if any), over the tiny preset (for
-    --model tiny), over the defaults. Unknown keys raise TypeError (a programming error)."""
+    --model tiny) or the prompt format `start` was trained with (the training config of the
+    checkpoint --model names, if any), over the defaults. Unknown keys raise TypeError."""
     known = {f.name for f in fields(Config)}
     if saved is not None:  # a resumed run keeps what it was trained with
         return Config(**{**{k: v for k, v in saved.items() if k in known}, **user})
-    base = dict(TINY_PRESET) if user.get("model", "tiny") == "tiny" else {}
+    if user.get("model", "tiny") == "tiny":
+        base = dict(TINY_PRESET)
+    else:
+        base = {k: v for k, v in (start or {}).items() if k in PROMPT_FORMAT}
     return Config(**{**base, **user})
 
 

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import HARMLESS, Config, UsageError, differences, resolve_config, validate
+from .config import HARMLESS, PROMPT_FORMAT, Config, UsageError, differences, resolve_config, validate
 from .grpo import loss_type_name
 from .data import QUERY_TYPES, DataError, Dataset, load_dataset
 from .model import ModelConfig, build_tiny, resolve_model_dir, save_model
@@ -235,6 +235,7 @@ class Plan:
     overrides: dict = field(default_factory=dict)  # meaning-changing flags accepted on resume
     warnings: list[str] = field(default_factory=list)
     fork: bool = False  # --resume PATH of an older checkpoint: the newer ones are set aside
+    inherited: dict = field(default_factory=dict)  # prompt settings taken from --model's training
 
 
 def _absolute(flags: dict) -> dict:
@@ -254,6 +255,7 @@ def prepare(flags: dict | Config) -> Plan:
     resume = flags.get("resume") or ""
     resume_from: list[Path] = []
     overrides: dict = {}
+    inherited: dict = {}
     if resume:
         if resume == "latest":
             out = Path(flags["output_dir"]) if flags.get("output_dir") else newest_run(RUNS_DIR.resolve())
@@ -291,7 +293,9 @@ def prepare(flags: dict | Config) -> Plan:
                              "--override-config to accept (recorded in train_config.json)")
         overrides = changed
     else:
-        cfg = resolve_config(flags)
+        start = training_state(flags.get("model")).get("config", {})  # --model runs/X/final: its prompt format
+        cfg = resolve_config(flags, start=start)
+        inherited = {k: getattr(cfg, k) for k in PROMPT_FORMAT if k in start and k not in flags}
         out = Path(cfg.output_dir) if cfg.output_dir else (RUNS_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()
         cfg.output_dir = str(out)
         if out.exists() and not out.is_dir():
@@ -336,7 +340,7 @@ def prepare(flags: dict | Config) -> Plan:
         except (FileNotFoundError, ValueError, OSError) as e:
             raise UsageError(f"--model {cfg.model}: " + " ".join(str(e).split())) from None  # one line
     return Plan(cfg, out, device, ds, data_hash, resume_from, overrides, warnings, fork=bool(resume) and
-                resume != "latest" and resume_from[0] != (checkpoints(out) or [None])[-1])
+                resume != "latest" and resume_from[0] != (checkpoints(out) or [None])[-1], inherited=inherited)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -430,6 +434,8 @@ class Run:
         ]
         diff = {k: v for k, v in differences(cfg).items() if k not in ("output_dir", "resume", "data", "model")}
         lines.append("  settings  " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "defaults"))
+        if self.plan.inherited:
+            lines.append("  prompt    as --model was trained: " + ", ".join(f"{k}={v}" for k, v in self.plan.inherited.items()))
         if self.plan.overrides:
             lines.append("  override  " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.plan.overrides.items()))
         lines += [f"  warning   {w}" for w in self.plan.warnings]

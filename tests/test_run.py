@@ -299,3 +299,20 @@ def test_one_shot_flags_are_not_saved(micro_model, tmp_path, capsys):
     # so the next resume is checked again
     code, _, err = run_cli(["--output-dir", str(out), "--resume", "--max-steps", "3", "--num-generations", "4"], capsys)
     assert code == 2 and "--num-generations 4 (was 3)" in err
+
+
+def test_a_run_from_our_checkpoint_keeps_its_prompt_format_unless_told(micro_model, tmp_path, capsys):
+    """--model runs/X/final: the prompt settings unset on the command line are the checkpoint's, the set ones win."""
+    first = tmp_path / "first"
+    argv = micro_flags(micro_model, first, max_steps=1, request_last=True, show_attributes="genre")
+    assert run_cli(argv, capsys)[0] == 0
+    second = tmp_path / "second"
+    argv = ["--model", str(first / "final"), "--output-dir", str(second), "--max-steps", "1", "--batch-size", "2",
+            "--num-generations", "2", "--eval-limit", "2", "--beta", "0", "--num-candidates", "4"]
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0
+    saved = json.loads((second / "train_config.json").read_text())
+    assert saved["request_last"] is True and saved["show_attributes"] == "genre"  # from the checkpoint
+    assert saved["max_completion_length"] == 8 and saved["num_candidates"] == 4  # the checkpoint's; the flag's
+    line = next(l for l in stdout.splitlines() if l.strip().startswith("prompt"))
+    assert "request_last=True" in line and "show_attributes=genre" in line and "num_candidates" not in line
