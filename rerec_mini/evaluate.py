@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import PROMPT_FORMAT, Config
 from .data import QUERY_TYPES, Dataset, Query
 from .prompts import DEFAULT_NEGATIVES, CandidateSampler, render_prompt
 from .rewards import Scorer
 from .sampling import generate
 
-# Prompt settings of eval.py and ask: flag > the checkpoint's training config > these (a base model).
-PROMPT_DEFAULTS = dict(num_candidates=20, hard_negatives=0, negatives=DEFAULT_NEGATIVES, show_attributes="",
-                       history_len=0, answer_size=1, request_last=False, max_completion_length=512, seed=0)
+# Prompt settings of eval.py and ask: flag > the checkpoint's training config > these (a base model):
+# train.py's defaults for the prompt format, and the seed that draws the candidates.
+PROMPT_DEFAULTS = {**{k: Config.__dataclass_fields__[k].default for k in PROMPT_FORMAT}, "seed": 0}
 
 
 def prompt_settings(args, train_cfg: dict, defaults: dict) -> dict:
