@@ -125,6 +125,9 @@ class Config:
     # the tiny model (only with --model tiny)
     tiny_layers: int = _opt(4, "tiny: transformer layers")
     tiny_hidden: int = _opt(256, "tiny: hidden size")
+    tiny_heads: int = _opt(4, "tiny: attention (query) heads")
+    tiny_kv_heads: int = _opt(2, "tiny: key/value heads (grouped-query attention: each serves --tiny-heads / this "
+                                 "many query heads; as many as --tiny-heads: plain multi-head attention)")
     tiny_vocab: int = _opt(2048, "tiny: BPE vocabulary size")
     tiny_kind_init: bool = _opt(False, "tiny: each unit's embedding starts from a direction shared by its kind "
                                        "(title, person, genre, ...) plus its own (with --tiny-units)")
@@ -247,7 +250,11 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.save_steps >= 1, "save_steps", "must be >= 1")
     need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0: keep all)")
     need(cfg.tiny_layers >= 1, "tiny_layers", "must be >= 1")
-    need(cfg.tiny_hidden >= 8 and cfg.tiny_hidden % 4 == 0, "tiny_hidden", "must be >= 8 and divisible by 4 (heads)")
+    need(cfg.tiny_heads >= 1, "tiny_heads", "must be >= 1")
+    need(cfg.tiny_kv_heads >= 1 and cfg.tiny_heads % cfg.tiny_kv_heads == 0, "tiny_kv_heads",
+         f"must divide --tiny-heads {cfg.tiny_heads}")
+    need(cfg.tiny_hidden % (2 * cfg.tiny_heads) == 0, "tiny_hidden",
+         f"must be a multiple of 2 x --tiny-heads {cfg.tiny_heads} (rotary positions need an even head size)")
     need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
     w = reward_weights(cfg)
     warnings = []

@@ -572,7 +572,7 @@ FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completi
          "request_last", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
          "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap",
          "keep_truncated", "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden",
-         "tiny_vocab", "tiny_units", "tiny_kind_init")
+         "tiny_heads", "tiny_kv_heads", "tiny_vocab", "tiny_units", "tiny_kind_init")
 
 
 def parser() -> argparse.ArgumentParser:

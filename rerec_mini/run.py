@@ -128,7 +128,8 @@ def build_tiny_start(cfg: Config, ds: Dataset, path: Path) -> Path:
     (units with their kinds, a mapping, start from their kind's direction: --tiny-kind-init)."""
     units = tiny_units(ds) if cfg.tiny_units else {}
     return build_tiny(path, dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
-                      num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed,
+                      num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads, num_kv_heads=cfg.tiny_kv_heads,
+                      intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed,
                       units=units if cfg.tiny_kind_init else sorted(units))
 
 

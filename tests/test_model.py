@@ -280,6 +280,18 @@ def test_tiny_tokenizer_keeps_the_prompts_fixed_words_short(ds, tmp_path):
     assert len(tok.encode("Candidates:", add_special_tokens=False)) <= 2
 
 
+def test_tiny_start_has_the_heads_its_flags_ask_for(ds, tmp_path):
+    from rerec_mini.config import Config
+    from rerec_mini.run import build_tiny_start
+    small = dict(tiny_hidden=16, tiny_layers=1, tiny_vocab=300, tiny_kind_init=True)
+    for heads, kv in ((4, 2), (4, 4), (2, 1)):
+        path = build_tiny_start(Config(**small, tiny_heads=heads, tiny_kv_heads=kv), ds, tmp_path / f"h{heads}kv{kv}")
+        hf = json.loads((path / "config.json").read_text())
+        assert (hf["num_attention_heads"], hf["num_key_value_heads"]) == (heads, kv)
+        model = load_model(path)
+        assert model.model.layers[0].self_attn.k_proj.weight.shape == (kv * 16 // heads, 16)
+
+
 def test_tiny_units_of_a_dataset_have_kinds(ds):
     from rerec_mini.run import tiny_units
     units = tiny_units(ds)

@@ -65,7 +65,8 @@ def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict
     ds = load_dataset(BUNDLED_DATA)
     cfg = resolve_config({"model": "tiny"})
     path = build_tiny(out / "model", dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
-                      num_layers=cfg.tiny_layers, intermediate_size=2 * cfg.tiny_hidden)
+                      num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads, num_kv_heads=cfg.tiny_kv_heads,
+                      intermediate_size=2 * cfg.tiny_hidden)
     if preset == "qwen2.5-1.5b":
         names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
         hf = dict(QWEN25_15B, **{names.get(k, k): v for k, v in (model_overrides or {}).items()})
