@@ -253,8 +253,8 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.tiny_heads >= 1, "tiny_heads", "must be >= 1")
     need(cfg.tiny_kv_heads >= 1 and cfg.tiny_heads % cfg.tiny_kv_heads == 0, "tiny_kv_heads",
          f"must divide --tiny-heads {cfg.tiny_heads}")
-    need(cfg.tiny_hidden % (2 * cfg.tiny_heads) == 0, "tiny_hidden",
-         f"must be a multiple of 2 x --tiny-heads {cfg.tiny_heads} (rotary positions need an even head size)")
+    need(cfg.tiny_hidden > 0 and cfg.tiny_hidden % (2 * cfg.tiny_heads) == 0, "tiny_hidden",
+         f"must be a positive multiple of 2 x --tiny-heads {cfg.tiny_heads} (rotary positions need an even head size)")
     need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
     w = reward_weights(cfg)
     warnings = []

@@ -52,8 +52,10 @@ BAD = [
     (["--data", "/nonexistent/data"], "--data /nonexistent/data: no such directory"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
     (["--model", "NoSuchOrg/NoSuchModel-0B"], "--model NoSuchOrg/NoSuchModel-0B"),
-    (["--tiny-hidden", "12"], "--tiny-hidden 12: must be a multiple of 2 x --tiny-heads 4"),  # head size 3: RoPE fails
+    (["--tiny-hidden", "12"], "--tiny-hidden 12: must be a positive multiple of 2 x --tiny-heads 4"),  # head size 3: RoPE fails
     (["--tiny-kv-heads", "3"], "--tiny-kv-heads 3: must divide --tiny-heads 4"),
+    (["--tiny-hidden", "0"], "--tiny-hidden 0: must be a positive multiple of 2 x --tiny-heads 4"),
+    (["--tiny-heads", "0"], "--tiny-heads 0: must be >= 1"),
 ]
 
 
