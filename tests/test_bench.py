@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from rerec_mini.bench import gpu
 
 
@@ -56,3 +58,45 @@ def test_sft_bench_times_both_head_paths_and_restores_the_threshold(monkeypatch)
     assert out["sft_step_s_kept"] > 0 and out["sft_step_s_recomputed"] > 0
     assert seen and set(seen) == {0}
     assert model_module.KEEP_LOGITS == before
+
+
+def test_train_bench_times_the_demos_own_tiny_start(tmp_path):
+    """`bench train`'s tiny preset is the model `train.py --model tiny` trains (its whole-word units in
+    the vocabulary), not a plain byte-level BPE model of the same size."""
+    from rerec_mini.bench.train import make_model
+    from rerec_mini.config import resolve_config
+    from rerec_mini.data import load_dataset
+    from rerec_mini.model import load_model
+    from rerec_mini.run import build_tiny_start
+    cfg = resolve_config({"model": "tiny"})
+    demo = load_model(str(build_tiny_start(cfg, load_dataset(cfg.data), tmp_path / "demo")))
+    bench = load_model(make_model("tiny", tmp_path / "bench", None))
+    assert bench.cfg.vocab_size == demo.cfg.vocab_size > cfg.tiny_vocab
+    assert all(a.equal(b) for a, b in zip(bench.state_dict().values(), demo.state_dict().values()))
+
+
+def test_train_bench_times_a_given_checkpoint(tmp_path):
+    """`bench train --model DIR` trains the checkpoint it is given (here a plain-BPE tiny model, which the
+    preset would never build) and says so in its figures."""
+    from rerec_mini.bench.train import main
+    from rerec_mini.model import build_tiny, load_model
+    ckpt = build_tiny(tmp_path / "ckpt", ["a small corpus for a small tokenizer"] * 4, vocab_size=300,
+                      hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    out = tmp_path / "train.json"
+    assert main(["--model", str(ckpt), "--steps", "1", "--warmup", "0", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == str(ckpt) and res["params"] == load_model(str(ckpt)).num_parameters()
+    assert res["time/step"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent"], "--model /nonexistent: not a checkpoint directory"),
+    (["--model", ".", "--sft-steps", "2"], "--model times RL steps of a checkpoint"),
+])
+def test_train_bench_bad_flags_exit_2_with_the_flag_named(argv, message, capsys, tmp_path):
+    from rerec_mini.bench.train import main
+    (tmp_path / "config.json").write_text("{}")
+    argv = [str(tmp_path) if a == "." else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

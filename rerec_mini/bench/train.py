@@ -3,9 +3,13 @@
     python -m rerec_mini.bench train                      # the tiny preset on CPU
     python -m rerec_mini.bench train --preset qwen2.5-1.5b --device cuda
                                                           # the Qwen2.5-1.5B architecture, random weights
+    python -m rerec_mini.bench train --model runs/sft/final
+                                                          # a trained checkpoint at the tiny preset's settings
 
 Runs real `Trainer.step()`s on the bundled dataset (after `--warmup` untimed steps) and reports
-the median of each phase. MFU is model FLOPs over wall time over the device's peak:
+the median of each phase. The tiny preset's untrained model never writes a valid answer, so its
+groups carry no reward spread and every update is skipped: give `--model` an SFT checkpoint to time
+the update the demo's RL phase runs. MFU is model FLOPs over wall time over the device's peak:
     policy forward + backward   6 x (trunk matmul weights x all tokens + head x completion tokens)
                                 + 6 x layers x heads x head_dim x seq^2 (causal attention)
     reference forward           a third of that (when beta > 0)
@@ -59,22 +63,25 @@ PRESETS = {
 
 
 def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict | None = None) -> str:
-    """A model directory for the preset: the tiny model, or Qwen2.5-1.5B's architecture with random
-    weights and the tiny byte-level tokenizer (no hub access here). model_overrides: config.json
-    fields to shrink it (bench gpu --smoke)."""
+    """A model directory for the preset. tiny: the demo's own start, as `train.py --model tiny` builds
+    it before SFT (whole-word units with their kind init: 2,169 logits per position). qwen2.5-1.5b:
+    its architecture with random weights and the tiny byte-level tokenizer without units, whose prompt
+    lengths are closer to a real BPE's (no hub access here). model_overrides: config.json fields to
+    shrink it (bench gpu --smoke)."""
     ds = load_dataset(BUNDLED_DATA)
     cfg = resolve_config({"model": "tiny"})
+    if preset == "tiny":
+        return str(build_tiny_start(cfg, ds, out / "model"))
     path = build_tiny(out / "model", dataset_texts(ds), vocab_size=cfg.tiny_vocab, hidden_size=cfg.tiny_hidden,
                       num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads, num_kv_heads=cfg.tiny_kv_heads,
                       intermediate_size=2 * cfg.tiny_hidden)
-    if preset == "qwen2.5-1.5b":
-        names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
-        hf = dict(QWEN25_15B, **{names.get(k, k): v for k, v in (model_overrides or {}).items()})
-        hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
-        big = CausalLM(ModelConfig.from_hf_dict(hf)).init_weights(0)
-        for f in path.glob("*.safetensors"):
-            f.unlink()
-        save_model(big, path)
+    names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+    hf = dict(QWEN25_15B, **{names.get(k, k): v for k, v in (model_overrides or {}).items()})
+    hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
+    big = CausalLM(ModelConfig.from_hf_dict(hf)).init_weights(0)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    save_model(big, path)
     return str(path)
 
 
@@ -89,15 +96,17 @@ def update_flops(model: CausalLM, row: dict, with_reference: bool) -> float:
 
 
 def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int = 1, layers: int | None = None,
-        peak_tflops: float = 989.0, overrides: dict | None = None, model_overrides: dict | None = None) -> dict:
+        peak_tflops: float = 989.0, overrides: dict | None = None, model_overrides: dict | None = None,
+        model: str | None = None) -> dict:
     """The benchmark as a function (bench gpu calls it): median figures of `steps` timed steps.
-    overrides: Config fields over the preset; model_overrides: config.json fields (see make_model)."""
+    overrides: Config fields over the preset; model_overrides: config.json fields (see make_model);
+    model: a checkpoint directory to time instead of the preset's freshly initialised model."""
     dev = pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(preset, Path(tmp), layers, model_overrides)
+        path = model or make_model(preset, Path(tmp), layers, model_overrides)
         cfg = resolve_config({"model": "tiny", **PRESETS[preset], "device": device, "output_dir": tmp,
                               "max_steps": warmup + steps, "sft_steps": 0, **(overrides or {})})
-        tr = Trainer(replace(cfg, model=model), load_dataset(cfg.data), model, dev)
+        tr = Trainer(replace(cfg, model=path), load_dataset(cfg.data), path, dev)
         tr.start_rl()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -114,7 +123,7 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
         med = {k: statistics.median(r[k] for r in rows) for k in keys}
         flops = update_flops(tr.model, med, cfg.beta != 0)
         out = {
-            "preset": preset, "device": str(dev), "params": tr.model.num_parameters(),
+            "preset": preset, "model": model or "freshly initialised", "device": str(dev), "params": tr.model.num_parameters(),
             "rollouts_per_step": cfg.batch_size * cfg.num_generations,
             "gradient_checkpointing": tr.model.gradient_checkpointing, "precision": "bf16" if tr.bf16 else "fp32",
             **{k: round(v, 4) for k, v in med.items()},
@@ -139,8 +148,8 @@ def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
         cfg = resolve_config({"model": "tiny", "device": device, "output_dir": tmp, "sft_candidate_ramp": 0.0,
                               "sft_fresh": 0})
         ds = load_dataset(cfg.data)
-        # The demo's own start (whole-word units, kind init: 2,169 logits per position), not make_model's
-        # plain BPE model (1,024): the head's share of a step, which this bench is about, depends on it.
+        # The demo's own start (whole-word units: 2,169 logits per position, not a plain BPE's 1,024):
+        # the head's share of a step, which this bench is about, depends on it.
         model = str(build_tiny_start(cfg, ds, Path(tmp) / "model"))
         tr = Trainer(replace(cfg, model=model), ds, model, dev)
         times: dict[str, list[float]] = {"kept": [], "recomputed": []}
@@ -172,14 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (allocation, CUDA graphs)")
     p.add_argument("--layers", type=int, help="override the layer count (a smoke run of a big preset on CPU)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (bf16 dense)")
+    p.add_argument("--model", help="time the RL steps of this checkpoint directory instead of a freshly "
+                   "initialised model, e.g. the demo's SFT start: python train.py --model tiny --max-steps 0 "
+                   "--output-dir runs/sft, then --model runs/sft/final (the preset's settings still apply)")
     p.add_argument("--sft-steps", type=int, default=0,
                    help="instead: time this many tiny-preset SFT steps per head path (logits kept / recomputed)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model}: not a checkpoint directory (no config.json there)")
+    if args.model and args.sft_steps:
+        p.error("--model times RL steps of a checkpoint; --sft-steps times the demo's untrained start: give one")
     if args.sft_steps:
         out = run_sft(args.device, args.sft_steps)
     else:
-        out = run(args.preset, args.device, args.steps, args.warmup, args.layers, args.peak_tflops)
+        out = run(args.preset, args.device, args.steps, args.warmup, args.layers, args.peak_tflops,
+                  model=args.model)
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
