@@ -5,20 +5,23 @@ hit@1 / NDCG / recall / format / hallucination / QAS / PAS per query type, each 
 the popularity baseline on the same candidate sets (a model must beat "name the famous one").
 Prompt settings come from the flag, else the checkpoint's training config, else the defaults;
 `python eval.py --model CKPT --help` shows the values that checkpoint will use.
+`--num-samples G`: also G sampled answers per query (sampled hit@1, pass@G, majority vote, and the
+sampled hit rate where the greedy answer is wrong: what RL's rollouts could sharpen towards).
 `--retention --model TRAINED [--base BASE]`: KL and perplexity change on neutral texts.
 Exit codes: 0 done; 2 a usage error (nothing evaluated).
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
-from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, markdown_table,
-                                 prompt_settings, read_texts, retention, stratified_head)
+from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, evaluate_samples,
+                                 markdown_table, prompt_settings, read_texts, retention, sampled_table, stratified_head)
 from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
 from rerec_mini.prompts import NEGATIVE_MODES, CandidateSampler, eos_ids
 from rerec_mini.rewards import RewardConfig, Scorer
@@ -55,6 +58,10 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens per answer" + d("max_completion_length"))
     p.add_argument("--seed", type=int, help="candidate-set seed" + d("seed"))
+    p.add_argument("--num-samples", type=int, default=0,
+                   help="also sample G answers per query at --temperature: sampled hit@1, pass@G, majority@G and "
+                        "the sampled hit where greedy misses [0: greedy only]")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --num-samples [1.0]")
     p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together [64]")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto [auto]")
     p.add_argument("--output", help="write every sample and the tables as JSON here")
@@ -89,6 +96,12 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
             resolve_model_dir(base)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--base {base}: " + " ".join(str(e).split())) from None
+    if args.num_samples < 0:
+        raise UsageError(f"--num-samples {args.num_samples}: must be >= 0")
+    if args.num_samples and not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature {args.temperature}: --num-samples needs a temperature > 0")
+    if args.num_samples and args.retention:
+        raise UsageError("--num-samples evaluates answers; --retention measures texts: give one of them")
     if args.retention:
         if not Path(args.texts).is_file():
             raise UsageError(f"--texts {args.texts}: no such file")
@@ -134,8 +147,13 @@ def evaluate(argv=None) -> int:
     prompt = dict(history_len=s["history_len"], show_attributes=show, answer_size=s["answer_size"],
                   request_last=s["request_last"],
                   max_new_tokens=s["max_completion_length"], batch_size=args.batch_size)
-    results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos_ids(tokenizer, model.cfg.hf, model_dir),
-                                        **common, **prompt)}
+    eos = eos_ids(tokenizer, model.cfg.hf, model_dir)
+    results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos, **common, **prompt)}
+    sampled = None
+    if args.num_samples:
+        greedy_hit = [r["hit"] for r in results["model"]["samples"]]
+        sampled = evaluate_samples(model, tokenizer, ds, queries, greedy_hit, num_samples=args.num_samples,
+                                   temperature=args.temperature, eos_token_id=eos, **common, **prompt)
     if args.compare_base:
         base_dir = resolve_model_dir(base_name)
         base, base_tok = load_model(base_dir, device=device, dtype=dtype).eval(), load_tokenizer(base_dir)
@@ -145,6 +163,10 @@ def evaluate(argv=None) -> int:
         results[name] = evaluate_baseline(name, ds, queries, **common)
     print(markdown_table(results))
     out = {**results["model"], "settings": {**s, "model": args.model, "split": args.split, "count": len(queries)}}
+    if sampled:
+        print()
+        print(sampled_table(sampled))
+        out["sampled"] = sampled
     if "base" in results:
         out["base"] = results["base"]
     out["baselines"] = {k: v for k, v in results.items() if k not in ("model", "base")}

@@ -106,6 +106,36 @@ def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_
     return [sampler.sample(q, num_candidates, hard_negatives, seed, negatives) for q in queries]
 
 
+def encode_prompts(tokenizer, ds: Dataset, queries: Sequence[Query], candidates, *, history_len: int = 0,
+                   show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False
+                   ) -> list[list[int]]:
+    """[N] prompt token ids, one per query with its candidate set, in the trainer's prompt format."""
+    return [tokenizer.encode(render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
+                                           answer_size=answer_size, request_last=request_last),
+                             add_special_tokens=False) for q, c in zip(queries, candidates)]
+
+
+def decode(model, tokenizer, prompts: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
+           max_new_tokens: int = 512, eos_token_id=None, seed: int = 0, batch_size: int = 64, progress: bool = True,
+           pool=None) -> tuple[list[str], list[int]]:
+    """Answers to every prompt, batched through our sampler: ([N * num_samples] texts, their token
+    counts), the samples of one prompt adjacent. batch_size counts prompts."""
+    # Similar lengths together: less padding in each batch.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: dict[int, list[list[int]]] = {}
+    bar = tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        ro = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, num_samples=num_samples,
+                      temperature=temperature, eos_token_id=eos_token_id, seed=seed + s, pool=pool)
+        for j, i in enumerate(chunk):
+            outputs[i] = ro.completions[j * num_samples:(j + 1) * num_samples]
+        bar.update(len(chunk))
+    bar.close()
+    rows = [c for i in range(len(prompts)) for c in outputs[i]]
+    return [tokenizer.decode(c, skip_special_tokens=True) for c in rows], [len(c) for c in rows]
+
+
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, scorer: Scorer,
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
@@ -120,31 +150,72 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     "samples": every query with its candidates, ground truth, response, parsed answer, hit flag
     and reward terms (`sample_records`). pool: the sampler's DecoderPool (CUDA graphs reused)."""
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
-    prompts = []
-    for q, c in zip(queries, candidates):
-        text = render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
-                             answer_size=answer_size, request_last=request_last)
-        prompts.append(tokenizer.encode(text, add_special_tokens=False))
-    texts, lens = [], []
-    # Similar lengths together: less padding in each batch.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: dict[int, list[int]] = {}
-    bar = tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        ro = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, temperature=temperature,
-                      eos_token_id=eos_token_id, seed=seed, pool=pool)
-        outputs.update(zip(chunk, ro.completions))
-        bar.update(len(chunk))
-    bar.close()
-    for i in range(len(prompts)):
-        texts.append(tokenizer.decode(outputs[i], skip_special_tokens=True))
-        lens.append(len(outputs[i]))
+    prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
+                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
+    texts, lens = decode(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id, seed=seed, batch_size=batch_size, progress=progress, pool=pool)
     scored = scorer.score(list(queries), texts, candidates)
     result = summarise(queries, candidates, scored, lens)
     result["reference"] = shortcut_reference(ds, queries, candidates, scorer, seed)
     result["samples"] = sample_records(ds, queries, candidates, texts, scored)
     return result
+
+
+def sampled_summary(types: Sequence[str], greedy_hit: Sequence[bool], hits: np.ndarray,
+                    answers: Sequence[Sequence[str | None]]) -> dict:
+    """What G sampled answers per query say beyond the greedy one: {"overall", "by_type"}, each with
+
+        sampled_hit@1   mean hit of a sampled answer (what RL's rollouts score)
+        pass@G          share of queries with at least one hit among the G samples
+        majority@G      share whose most frequent answer (first place; ties: the first drawn) is a hit
+        greedy_hit@1    the greedy answer's hit, for reference
+        sampled_hit_where_greedy_misses
+                        mean sampled hit over the queries greedy gets wrong: near chance means the
+                        policy holds no better answer there for RL to sharpen towards
+        greedy_misses   how many queries that last figure averages over
+
+    types: [N] query types; greedy_hit: [N]; hits: [N, G] bool; answers: [N][G] first answer ids
+    (None: no answer)."""
+    hits = np.asarray(hits, dtype=bool)
+    rows = []
+    for g, h, a in zip(greedy_hit, hits, answers):
+        votes = [x for x in a if x is not None]
+        top = max(votes, key=votes.count) if votes else None  # max keeps the first of equal counts
+        rows.append((bool(g), float(h.mean()), bool(h.any()), top is not None and bool(h[a.index(top)])))
+
+    def mean(sub):
+        misses = [r[1] for r in sub if not r[0]]
+        return {"greedy_hit@1": float(np.mean([r[0] for r in sub])), "sampled_hit@1": float(np.mean([r[1] for r in sub])),
+                "pass@G": float(np.mean([r[2] for r in sub])), "majority@G": float(np.mean([r[3] for r in sub])),
+                "sampled_hit_where_greedy_misses": float(np.mean(misses)) if misses else 0.0,
+                "greedy_misses": len(misses), "count": len(sub)}
+
+    by_type = {t: [r for r, ty in zip(rows, types) if ty == t] for t in QUERY_TYPES}
+    return {"overall": mean(rows), "by_type": {t: mean(v) for t, v in by_type.items() if v}}
+
+
+@torch.no_grad()
+def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], greedy_hit: Sequence[bool], *,
+                     scorer: Scorer, num_samples: int, temperature: float = 1.0,
+                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
+                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
+                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
+                     max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
+    """`num_samples` answers per query at `temperature`, on the candidate sets `evaluate_policy` drew
+    with the same arguments; greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the
+    sampling settings. The samples' seed is fixed, so a checkpoint's figures repeat exactly."""
+    candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
+    prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
+                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
+    texts, _ = decode(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
+                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=seed + 1,
+                      batch_size=max(1, batch_size // num_samples), progress=progress)
+    G = num_samples
+    scored = scorer.score([q for q in queries for _ in range(G)], texts, [c for c in candidates for _ in range(G)])
+    hits = scored.hit.reshape(len(queries), G)
+    answers = [[p[0] if p else None for p in scored.parsed[n * G:(n + 1) * G]] for n in range(len(queries))]
+    return {"samples": G, "temperature": temperature,
+            **sampled_summary([q.type for q in queries], greedy_hit, hits, answers)}
 
 
 def sample_records(ds: Dataset, queries: Sequence[Query], candidates, texts: Sequence[str], scored) -> list[dict]:
@@ -251,6 +322,19 @@ def markdown_table(results: dict[str, dict], metrics: Sequence[str] = ("hit@1", 
             cells = [f"{row[m]:.3f}" for m in cols]
             cells.insert(at, f"{ref['hit@1']:.3f}" if ref else "–")
             lines.append(f"| {name} | {typ} | {row['count']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sampled_table(sampled: dict) -> str:
+    """`evaluate_samples`' figures as a markdown table, one row per query type."""
+    G, T = sampled["samples"], sampled["temperature"]
+    cols = ("greedy_hit@1", "sampled_hit@1", "pass@G", "majority@G", "sampled_hit_where_greedy_misses")
+    names = ("greedy hit@1", f"sampled hit@1 (T={T:g})", f"pass@{G}", f"majority@{G}", "sampled hit where greedy misses")
+    lines = ["| type | n | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(cols))]
+    for typ, row in [("all", sampled["overall"]), *sampled["by_type"].items()]:
+        cells = [f"{row[c]:.3f}" for c in cols]
+        cells[-1] += f" (of {row['greedy_misses']})"
+        lines.append(f"| {typ} | {row['count']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rerec_mini import ablate
 from rerec_mini.config import Config
 from rerec_mini.data import QUERY_TYPES
 from rerec_mini.evaluate import (evaluate_baseline, evaluate_policy, markdown_table, ndcg_at_k, recall_at_k,
+                                 sampled_summary, sampled_table,
                                  relevant_items, retention, stratified_head, summarise)
 from rerec_mini.model import build_tiny, load_model, load_tokenizer
 from rerec_mini.prompts import DEFAULT_NEGATIVES, CandidateSampler
@@ -218,6 +222,9 @@ def test_eval_py_samples_and_help_defaults(checkpoint, tmp_path, capsys):
     (["--split", "valid"], "--split 'valid'"),
     (["--data", "/nonexistent"], "--data /nonexistent: no such directory"),
     (["--device", "gpu"], "--device 'gpu'"),
+    (["--num-samples", "-1"], "--num-samples -1: must be >= 0"),
+    (["--num-samples", "4", "--temperature", "0"], "--temperature 0.0: --num-samples needs a temperature > 0"),
+    (["--num-samples", "4", "--retention"], "--num-samples evaluates answers"),
 ])
 def test_eval_py_bad_input_exits_2_before_any_work(checkpoint, capsys, monkeypatch, argv, message):
     final, _ = checkpoint
@@ -275,3 +282,67 @@ def test_hit_at_1_counts_only_the_ground_truth_the_prompt_showed(ds, scorer):
     assert res["overall"]["hit@1"] == 0.5
     one = summarise([q], [cands], scorer.score([q], texts[1:], [cands]), [0])["overall"]
     assert one["hit@1"] == 0.0 and one["ndcg@5"] == 0.0
+
+
+def test_sampled_summary_by_hand():
+    """Three queries, four samples each; answers are item ids, a hit is answering "g"."""
+    answers = [["g", "x", "g", None],   # greedy hit; 2 of 4 sampled hits; majority g (2 votes)
+               ["x", "g", "x", "y"],   # greedy miss; 1 of 4; majority x
+               ["y", "x", "g", "g"]]   # greedy miss; 2 of 4; x and y and g: g has 2 votes
+    hits = np.array([[a == "g" for a in row] for row in answers])
+    res = sampled_summary(["explicit", "explicit", "implicit"], [True, False, False], hits, answers)
+    o = res["overall"]
+    assert o["greedy_hit@1"] == pytest.approx(1 / 3) and o["sampled_hit@1"] == pytest.approx((2 + 1 + 2) / 12)
+    assert o["pass@G"] == 1.0 and o["majority@G"] == pytest.approx(2 / 3)
+    assert o["sampled_hit_where_greedy_misses"] == pytest.approx((1 / 4 + 2 / 4) / 2) and o["greedy_misses"] == 2
+    assert res["by_type"]["explicit"]["majority@G"] == 0.5 and res["by_type"]["implicit"]["count"] == 1
+    # a tie goes to the answer drawn first: y, x, g once each -> y, a miss
+    tie = sampled_summary(["explicit"], [False], np.array([[False, False, True]]), [["y", "x", "g"]])
+    assert tie["overall"]["majority@G"] == 0.0 and tie["overall"]["pass@G"] == 1.0
+    table = sampled_table({"samples": 4, "temperature": 1.0, **res}).splitlines()
+    assert table[0] == ("| type | n | greedy hit@1 | sampled hit@1 (T=1) | pass@4 | majority@4 | "
+                        "sampled hit where greedy misses |")
+    assert table[2] == "| all | 3 | 0.333 | 0.417 | 1.000 | 0.667 | 0.375 (of 2) |"
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.booleans(), st.lists(st.sampled_from(["g", "h", "x", "y", None]), min_size=1,
+                                                       max_size=6)), min_size=1, max_size=12),
+       g1=st.booleans())
+def test_sampled_summary_properties(rows, g1):
+    """With any answers (a hit: "g" or "h"): a sampled hit or a majority hit needs some sample to hit
+    (pass@G bounds both), one sample makes the three one figure, and the greedy-miss figure averages
+    exactly the queries greedy missed."""
+    G = min(len(a) for _, a in rows)
+    answers = [a[:G] for _, a in rows]
+    if g1:
+        answers = [a[:1] for a in answers]
+    hits = np.array([[x in ("g", "h") for x in a] for a in answers])
+    greedy = [g for g, _ in rows]
+    o = sampled_summary(["explicit"] * len(rows), greedy, hits, answers)["overall"]
+    assert 0 <= o["sampled_hit@1"] <= o["pass@G"] <= 1 and o["majority@G"] <= o["pass@G"]
+    assert o["count"] == len(rows) and o["greedy_misses"] == greedy.count(False)
+    misses = [h.mean() for g, h in zip(greedy, hits) if not g]
+    assert o["sampled_hit_where_greedy_misses"] == pytest.approx(np.mean(misses) if misses else 0.0)
+    if hits.shape[1] == 1:
+        assert o["sampled_hit@1"] == pytest.approx(o["pass@G"]) and o["majority@G"] == pytest.approx(o["pass@G"])
+
+
+def test_eval_py_num_samples(checkpoint, tmp_path, capsys):
+    """`--num-samples G`: G answers per query on the greedy run's candidate sets, the greedy figure
+    carried over exactly, a table printed, and the same figures on a second run (fixed seed)."""
+    final, _ = checkpoint
+    script = eval_script()
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"s{k}.json"
+        assert script.main(["--model", str(final), "--limit", "6", "--num-samples", "3", "--temperature", "1.5",
+                            "--output", str(out)]) == 0
+        runs.append(json.loads(out.read_text()))
+    res = runs[0]
+    sampled = res["sampled"]
+    assert sampled["samples"] == 3 and sampled["temperature"] == 1.5 and sampled["overall"]["count"] == 6
+    assert sampled["overall"]["greedy_hit@1"] == pytest.approx(res["overall"]["hit@1"])
+    assert sampled["overall"]["greedy_misses"] == sum(not r["hit"] for r in res["samples"])
+    assert runs[1]["sampled"] == sampled
+    assert "| all | 6 |" in capsys.readouterr().out.split("pass@3")[-1]
