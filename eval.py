@@ -6,7 +6,8 @@ the popularity baseline on the same candidate sets (a model must beat "name the 
 Prompt settings come from the flag, else the checkpoint's training config, else the defaults;
 `python eval.py --model CKPT --help` shows the values that checkpoint will use.
 `--num-samples G`: also G sampled answers per query (sampled hit@1, pass@G, majority vote, and the
-sampled hit rate where the greedy answer is wrong: what RL's rollouts could sharpen towards).
+sampled hit rate where the greedy answer is wrong: what RL's rollouts could sharpen towards), at
+the checkpoint's RL temperature and top-p unless --temperature / --top-p say otherwise.
 `--retention --model TRAINED [--base BASE]`: KL and perplexity change on neutral texts.
 Exit codes: 0 done; 2 a usage error (nothing evaluated).
 """
@@ -29,11 +30,13 @@ from rerec_mini.run import checkpoint_config, open_dataset, pick_device
 
 # Settings without a checkpoint config (a base model): flag > the checkpoint's > these.
 DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
+# --num-samples draws like the run's RL rollouts did: flag > the checkpoint's > these.
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0)
 
 
 def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     """The flags; defaults shown are what this checkpoint will use (train_cfg: its training config)."""
-    known = {k: (train_cfg or {}).get(k, v) for k, v in DEFAULTS.items()}
+    known = {k: (train_cfg or {}).get(k, v) for k, v in {**DEFAULTS, **SAMPLING_DEFAULTS}.items()}
     src = "the checkpoint's" if train_cfg else "with a checkpoint: its training value"
 
     def d(key):
@@ -61,8 +64,10 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=0,
                    help="also sample G answers per query at --temperature: sampled hit@1, pass@G, majority@G and "
                         "the sampled hit where greedy misses [0: greedy only]")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --num-samples [1.0]")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts decoded together [64]")
+    p.add_argument("--temperature", type=float, help="sampling temperature of --num-samples" + d("temperature"))
+    p.add_argument("--top-p", type=float, help="nucleus threshold of --num-samples" + d("top_p"))
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="prompts decoded together; with --num-samples, rows (prompts x samples) [64]")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto [auto]")
     p.add_argument("--output", help="write every sample and the tables as JSON here")
     p.add_argument("--retention", action="store_true", help="KL / perplexity change vs --base on neutral texts")
@@ -98,8 +103,14 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
             raise UsageError(f"--base {base}: " + " ".join(str(e).split())) from None
     if args.num_samples < 0:
         raise UsageError(f"--num-samples {args.num_samples}: must be >= 0")
-    if args.num_samples and not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature {args.temperature}: --num-samples needs a temperature > 0")
+    if not args.num_samples and (args.temperature is not None or args.top_p is not None):
+        raise UsageError("--temperature / --top-p set how --num-samples samples: give --num-samples G too")
+    if args.num_samples:
+        sampling = prompt_settings(args, train_cfg, SAMPLING_DEFAULTS)
+        if not (sampling["temperature"] > 0 and math.isfinite(sampling["temperature"])):
+            raise UsageError(f"--temperature {sampling['temperature']}: --num-samples needs a temperature > 0")
+        if not 0 < sampling["top_p"] <= 1:
+            raise UsageError(f"--top-p {sampling['top_p']}: must be in (0, 1]")
     if args.num_samples and args.retention:
         raise UsageError("--num-samples evaluates answers; --retention measures texts: give one of them")
     if args.retention:
@@ -153,7 +164,8 @@ def evaluate(argv=None) -> int:
     if args.num_samples:
         greedy_hit = [r["hit"] for r in results["model"]["samples"]]
         sampled = evaluate_samples(model, tokenizer, ds, queries, greedy_hit, num_samples=args.num_samples,
-                                   temperature=args.temperature, eos_token_id=eos, **common, **prompt)
+                                   eos_token_id=eos, **prompt_settings(args, train_cfg, SAMPLING_DEFAULTS),
+                                   **common, **prompt)
     if args.compare_base:
         base_dir = resolve_model_dir(base_name)
         base, base_tok = load_model(base_dir, device=device, dtype=dtype).eval(), load_tokenizer(base_dir)

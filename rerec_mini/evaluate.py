@@ -3,6 +3,8 @@
 Every method answers the same deterministic candidate sets the trainer uses and is scored
 by the same scorer, so the numbers are comparable: hit@1 (ReRec's accuracy), ndcg@5,
 ndcg@10, recall@10, format_ok, hallucination, qas, pas, response length, count.
+`evaluate_samples` adds G sampled answers per query to a greedy evaluation: pass@G, the
+majority vote, and the sampled hit rate where greedy misses.
 Baselines rank the candidates without a model: random, popularity, attribute. Every result
 also carries `reference`: what the popularity shortcut and chance score on the *same*
 candidate sets, so a model's number is never read without the number it must beat.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,14 +113,14 @@ def encode_prompts(tokenizer, ds: Dataset, queries: Sequence[Query], candidates,
                    show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False
                    ) -> list[list[int]]:
     """[N] prompt token ids, one per query with its candidate set, in the trainer's prompt format."""
-    return [tokenizer.encode(render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
-                                           answer_size=answer_size, request_last=request_last),
-                             add_special_tokens=False) for q, c in zip(queries, candidates)]
+    texts = (render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
+                           answer_size=answer_size, request_last=request_last) for q, c in zip(queries, candidates))
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
 def decode(model, tokenizer, prompts: list[list[int]], *, num_samples: int = 1, temperature: float = 0.0,
-           max_new_tokens: int = 512, eos_token_id=None, seed: int = 0, batch_size: int = 64, progress: bool = True,
-           pool=None) -> tuple[list[str], list[int]]:
+           top_p: float = 1.0, max_new_tokens: int = 512, eos_token_id=None, seed: int = 0, batch_size: int = 64,
+           progress: bool = True, pool=None) -> tuple[list[str], list[int]]:
     """Answers to every prompt, batched through our sampler: ([N * num_samples] texts, their token
     counts), the samples of one prompt adjacent. batch_size counts prompts."""
     # Similar lengths together: less padding in each batch.
@@ -126,8 +129,10 @@ def decode(model, tokenizer, prompts: list[list[int]], *, num_samples: int = 1, 
     bar = tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
+        # Each batch its own seed, so that sampled batches are not copies of one random stream
+        # (greedy decoding draws nothing: its answers do not depend on it).
         ro = generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, num_samples=num_samples,
-                      temperature=temperature, eos_token_id=eos_token_id, seed=seed + s, pool=pool)
+                      temperature=temperature, top_p=top_p, eos_token_id=eos_token_id, seed=seed + s, pool=pool)
         for j, i in enumerate(chunk):
             outputs[i] = ro.completions[j * num_samples:(j + 1) * num_samples]
         bar.update(len(chunk))
@@ -161,33 +166,49 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     return result
 
 
+class _Sampled(NamedTuple):
+    """One query's figures in `sampled_summary`."""
+    greedy: bool     # the greedy answer is a hit
+    sampled: float   # mean hit of its G samples
+    any_hit: bool    # at least one sample hits
+    majority: bool   # the most frequent sampled answer hits
+
+
 def sampled_summary(types: Sequence[str], greedy_hit: Sequence[bool], hits: np.ndarray,
                     answers: Sequence[Sequence[str | None]]) -> dict:
     """What G sampled answers per query say beyond the greedy one: {"overall", "by_type"}, each with
 
         sampled_hit@1   mean hit of a sampled answer (what RL's rollouts score)
         pass@G          share of queries with at least one hit among the G samples
-        majority@G      share whose most frequent answer (first place; ties: the first drawn) is a hit
+        majority@G      share whose most frequent answer is a hit (samples without an answer do not
+                        vote; ties go to the answer drawn first)
         greedy_hit@1    the greedy answer's hit, for reference
         sampled_hit_where_greedy_misses
-                        mean sampled hit over the queries greedy gets wrong: near chance means the
-                        policy holds no better answer there for RL to sharpen towards
-        greedy_misses   how many queries that last figure averages over
+                        mean sampled hit over the queries greedy gets wrong (None when it gets none
+                        wrong): near chance means the policy holds no better answer there for RL
+                        to sharpen towards
+        greedy_misses   how many queries that figure averages over
 
     types: [N] query types; greedy_hit: [N]; hits: [N, G] bool; answers: [N][G] first answer ids
     (None: no answer)."""
     hits = np.asarray(hits, dtype=bool)
+    if not len(types) == len(greedy_hit) == len(hits) == len(answers):
+        raise ValueError(f"sampled_summary: {len(types)} types, {len(greedy_hit)} greedy hits, {len(hits)} rows of "
+                         f"hits and {len(answers)} rows of answers; one of each per query")
     rows = []
     for g, h, a in zip(greedy_hit, hits, answers):
         votes = [x for x in a if x is not None]
         top = max(votes, key=votes.count) if votes else None  # max keeps the first of equal counts
-        rows.append((bool(g), float(h.mean()), bool(h.any()), top is not None and bool(h[a.index(top)])))
+        # A sample's hit depends only on its first answer, so the first sample naming `top` speaks for all.
+        rows.append(_Sampled(bool(g), float(h.mean()), bool(h.any()), top is not None and bool(h[a.index(top)])))
 
-    def mean(sub):
-        misses = [r[1] for r in sub if not r[0]]
-        return {"greedy_hit@1": float(np.mean([r[0] for r in sub])), "sampled_hit@1": float(np.mean([r[1] for r in sub])),
-                "pass@G": float(np.mean([r[2] for r in sub])), "majority@G": float(np.mean([r[3] for r in sub])),
-                "sampled_hit_where_greedy_misses": float(np.mean(misses)) if misses else 0.0,
+    def mean(sub: list[_Sampled]) -> dict:
+        misses = [r.sampled for r in sub if not r.greedy]
+        return {"greedy_hit@1": float(np.mean([r.greedy for r in sub])),
+                "sampled_hit@1": float(np.mean([r.sampled for r in sub])),
+                "pass@G": float(np.mean([r.any_hit for r in sub])),
+                "majority@G": float(np.mean([r.majority for r in sub])),
+                "sampled_hit_where_greedy_misses": float(np.mean(misses)) if misses else None,
                 "greedy_misses": len(misses), "count": len(sub)}
 
     by_type = {t: [r for r, ty in zip(rows, types) if ty == t] for t in QUERY_TYPES}
@@ -196,25 +217,28 @@ def sampled_summary(types: Sequence[str], greedy_hit: Sequence[bool], hits: np.n
 
 @torch.no_grad()
 def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], greedy_hit: Sequence[bool], *,
-                     scorer: Scorer, num_samples: int, temperature: float = 1.0,
+                     scorer: Scorer, num_samples: int, temperature: float = 1.0, top_p: float = 1.0,
                      candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                      hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                      show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
                      max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
-    """`num_samples` answers per query at `temperature`, on the candidate sets `evaluate_policy` drew
-    with the same arguments; greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the
-    sampling settings. The samples' seed is fixed, so a checkpoint's figures repeat exactly."""
+    """`num_samples` answers per query at `temperature` / `top_p`, on the candidate sets `evaluate_policy`
+    drew with the same arguments (the sampler seeds each query's draw by seed and query id);
+    greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the sampling settings.
+    batch_size counts rows (prompts x samples). The samples' seeds are fixed, so the figures repeat
+    exactly for the same batch size and device."""
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
-    texts, _ = decode(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
-                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=seed + 1,
-                      batch_size=max(1, batch_size // num_samples), progress=progress)
     G = num_samples
+    # seed + 1: not the stream of a greedy call with the same seed (which draws nothing, but might one day).
+    texts, _ = decode(model, tokenizer, prompts, num_samples=G, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, seed=seed + 1,
+                      batch_size=max(1, batch_size // G), progress=progress)
     scored = scorer.score([q for q in queries for _ in range(G)], texts, [c for c in candidates for _ in range(G)])
     hits = scored.hit.reshape(len(queries), G)
     answers = [[p[0] if p else None for p in scored.parsed[n * G:(n + 1) * G]] for n in range(len(queries))]
-    return {"samples": G, "temperature": temperature,
+    return {"num_samples": G, "temperature": temperature, "top_p": top_p,
             **sampled_summary([q.type for q in queries], greedy_hit, hits, answers)}
 
 
@@ -327,12 +351,13 @@ def markdown_table(results: dict[str, dict], metrics: Sequence[str] = ("hit@1", 
 
 def sampled_table(sampled: dict) -> str:
     """`evaluate_samples`' figures as a markdown table, one row per query type."""
-    G, T = sampled["samples"], sampled["temperature"]
+    G, T = sampled["num_samples"], sampled["temperature"]
     cols = ("greedy_hit@1", "sampled_hit@1", "pass@G", "majority@G", "sampled_hit_where_greedy_misses")
-    names = ("greedy hit@1", f"sampled hit@1 (T={T:g})", f"pass@{G}", f"majority@{G}", "sampled hit where greedy misses")
+    names = ("greedy hit@1", f"sampled hit@1 (T={T:g})", f"pass@{G}", f"majority@{G}",
+             "sampled hit where greedy misses")
     lines = ["| type | n | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(cols))]
     for typ, row in [("all", sampled["overall"]), *sampled["by_type"].items()]:
-        cells = [f"{row[c]:.3f}" for c in cols]
+        cells = ["–" if row[c] is None else f"{row[c]:.3f}" for c in cols]
         cells[-1] += f" (of {row['greedy_misses']})"
         lines.append(f"| {typ} | {row['count']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

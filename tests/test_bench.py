@@ -92,6 +92,7 @@ def test_train_bench_times_a_given_checkpoint(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/nonexistent"], "--model /nonexistent: not a checkpoint directory"),
     (["--model", ".", "--sft-steps", "2"], "--model times RL steps of a checkpoint"),
+    (["--model", ".", "--layers", "2"], "--layers shrinks the preset's own model"),
 ])
 def test_train_bench_bad_flags_exit_2_with_the_flag_named(argv, message, capsys, tmp_path):
     from rerec_mini.bench.train import main

@@ -17,8 +17,8 @@ from rerec_mini import ablate
 from rerec_mini.config import Config
 from rerec_mini.data import QUERY_TYPES
 from rerec_mini.evaluate import (evaluate_baseline, evaluate_policy, markdown_table, ndcg_at_k, recall_at_k,
-                                 sampled_summary, sampled_table,
-                                 relevant_items, retention, stratified_head, summarise)
+                                 relevant_items, retention, sampled_summary, sampled_table, stratified_head,
+                                 summarise)
 from rerec_mini.model import build_tiny, load_model, load_tokenizer
 from rerec_mini.prompts import DEFAULT_NEGATIVES, CandidateSampler
 from rerec_mini.rewards import RewardConfig, Scorer
@@ -224,6 +224,8 @@ def test_eval_py_samples_and_help_defaults(checkpoint, tmp_path, capsys):
     (["--device", "gpu"], "--device 'gpu'"),
     (["--num-samples", "-1"], "--num-samples -1: must be >= 0"),
     (["--num-samples", "4", "--temperature", "0"], "--temperature 0.0: --num-samples needs a temperature > 0"),
+    (["--num-samples", "4", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+    (["--temperature", "0.7"], "--temperature / --top-p set how --num-samples samples"),
     (["--num-samples", "4", "--retention"], "--num-samples evaluates answers"),
 ])
 def test_eval_py_bad_input_exits_2_before_any_work(checkpoint, capsys, monkeypatch, argv, message):
@@ -299,10 +301,17 @@ def test_sampled_summary_by_hand():
     # a tie goes to the answer drawn first: y, x, g once each -> y, a miss
     tie = sampled_summary(["explicit"], [False], np.array([[False, False, True]]), [["y", "x", "g"]])
     assert tie["overall"]["majority@G"] == 0.0 and tie["overall"]["pass@G"] == 1.0
-    table = sampled_table({"samples": 4, "temperature": 1.0, **res}).splitlines()
+    table = sampled_table({"num_samples": 4, "temperature": 1.0, **res}).splitlines()
     assert table[0] == ("| type | n | greedy hit@1 | sampled hit@1 (T=1) | pass@4 | majority@4 | "
                         "sampled hit where greedy misses |")
     assert table[2] == "| all | 3 | 0.333 | 0.417 | 1.000 | 0.667 | 0.375 (of 2) |"
+    # greedy right everywhere: no mean over zero queries, a dash in the table
+    assert res["by_type"]["implicit"]["sampled_hit_where_greedy_misses"] == pytest.approx(0.5)
+    none = sampled_summary(["explicit"], [True], np.array([[True]]), [["g"]])
+    assert none["overall"]["sampled_hit_where_greedy_misses"] is None and none["overall"]["greedy_misses"] == 0
+    assert "| – (of 0) |" in sampled_table({"num_samples": 1, "temperature": 1.0, **none})
+    with pytest.raises(ValueError, match="one of each per query"):
+        sampled_summary(["explicit", "implicit"], [True], hits[:1], answers[:1])
 
 
 @settings(max_examples=200, deadline=None)
@@ -323,7 +332,10 @@ def test_sampled_summary_properties(rows, g1):
     assert 0 <= o["sampled_hit@1"] <= o["pass@G"] <= 1 and o["majority@G"] <= o["pass@G"]
     assert o["count"] == len(rows) and o["greedy_misses"] == greedy.count(False)
     misses = [h.mean() for g, h in zip(greedy, hits) if not g]
-    assert o["sampled_hit_where_greedy_misses"] == pytest.approx(np.mean(misses) if misses else 0.0)
+    if misses:
+        assert o["sampled_hit_where_greedy_misses"] == pytest.approx(np.mean(misses))
+    else:
+        assert o["sampled_hit_where_greedy_misses"] is None
     if hits.shape[1] == 1:
         assert o["sampled_hit@1"] == pytest.approx(o["pass@G"]) and o["majority@G"] == pytest.approx(o["pass@G"])
 
@@ -341,8 +353,58 @@ def test_eval_py_num_samples(checkpoint, tmp_path, capsys):
         runs.append(json.loads(out.read_text()))
     res = runs[0]
     sampled = res["sampled"]
-    assert sampled["samples"] == 3 and sampled["temperature"] == 1.5 and sampled["overall"]["count"] == 6
+    assert sampled["num_samples"] == 3 and sampled["temperature"] == 1.5 and sampled["overall"]["count"] == 6
     assert sampled["overall"]["greedy_hit@1"] == pytest.approx(res["overall"]["hit@1"])
     assert sampled["overall"]["greedy_misses"] == sum(not r["hit"] for r in res["samples"])
     assert runs[1]["sampled"] == sampled
     assert "| all | 6 |" in capsys.readouterr().out.split("pass@3")[-1]
+
+
+def test_evaluate_samples_scores_each_query_on_its_own_candidates(ds, scorer, micro, monkeypatch):
+    """The sampled answers of query n are scored against query n's candidate set, the one the greedy
+    run drew: query n's first k_n samples name a ground-truth candidate, the rest one negative,
+    and the figures follow k_n exactly (a misaligned candidate set or row order breaks them)."""
+    from rerec_mini import evaluate
+    model, tok = micro
+    qs, G = stratified_head(ds.queries["test"], 10), 4
+    common = dict(scorer=scorer, candidate_sampler=CandidateSampler(ds), num_candidates=6, seed=5)
+    cands = evaluate.draw_candidates(ds, qs, common["candidate_sampler"], 6, 0, 5, DEFAULT_NEGATIVES)
+    ks = [n % (G + 1) for n in range(len(qs))]
+    texts = []
+    for q, c, k in zip(qs, cands, ks):
+        right = next(i for i in c if i in q.ground_truth)
+        wrong = next(i for i in c if i not in q.ground_truth)
+        texts += [f"\\boxed{{{ds.items[right if j < k else wrong].title}}}" for j in range(G)]
+    seen = []
+
+    def fake_decode(model, tok, prompts, num_samples=1, **kw):
+        seen.append(prompts)
+        rows = texts if num_samples == G else texts[::G]  # the greedy run: each query's first text
+        return rows, [1] * len(rows)
+
+    monkeypatch.setattr(evaluate, "decode", fake_decode)
+    greedy_res = evaluate.evaluate_policy(model, tok, ds, qs, max_new_tokens=2, progress=False, **common)
+    greedy = [n % 2 == 0 for n in range(len(qs))]
+    res = evaluate.evaluate_samples(model, tok, ds, qs, greedy, num_samples=G, max_new_tokens=2, progress=False,
+                                    **common)
+    assert seen[0] == seen[1]  # the same prompts, so the same candidate sets, as the greedy run
+    assert [r["hit"] for r in greedy_res["samples"]] == [k > 0 for k in ks]
+    o = res["overall"]
+    assert o["sampled_hit@1"] == pytest.approx(np.mean([k / G for k in ks]))
+    assert o["pass@G"] == pytest.approx(np.mean([k > 0 for k in ks]))
+    assert o["majority@G"] == pytest.approx(np.mean([k > 0 and 2 * k >= G for k in ks]))  # a tie: the first drawn
+    assert o["sampled_hit_where_greedy_misses"] == pytest.approx(np.mean([k / G for k, g in zip(ks, greedy) if not g]))
+
+
+def test_decode_keeps_each_prompts_samples_together(micro):
+    """Prompts of mixed lengths, decoded sorted by length in batches of 2 with 3 samples each: at a
+    temperature near 0 every sample is the prompt's greedy answer, in the prompt's own place."""
+    from rerec_mini.evaluate import decode
+    model, tok = micro
+    prompts = [tok.encode(t) for t in ("a", "the film with the longest prompt of all", "two words", "x y z w",
+                                        "Gentle Road")]
+    greedy, glens = decode(model, tok, prompts, max_new_tokens=5, batch_size=2, progress=False)
+    sampled, slens = decode(model, tok, prompts, num_samples=3, temperature=1e-6, max_new_tokens=5, batch_size=2,
+                            progress=False)
+    assert len(set(greedy)) > 1  # the prompts' answers differ, so a misplaced row would show
+    assert sampled == [t for t in greedy for _ in range(3)] and slens == [n for n in glens for _ in range(3)]

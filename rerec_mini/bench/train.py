@@ -123,7 +123,8 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
         med = {k: statistics.median(r[k] for r in rows) for k in keys}
         flops = update_flops(tr.model, med, cfg.beta != 0)
         out = {
-            "preset": preset, "model": model or "freshly initialised", "device": str(dev), "params": tr.model.num_parameters(),
+            "preset": preset, "model": model or "freshly initialised", "device": str(dev),
+            "params": tr.model.num_parameters(),
             "rollouts_per_step": cfg.batch_size * cfg.num_generations,
             "gradient_checkpointing": tr.model.gradient_checkpointing, "precision": "bf16" if tr.bf16 else "fp32",
             **{k: round(v, 4) for k, v in med.items()},
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.model and not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: not a checkpoint directory (no config.json there)")
+    if args.model and args.layers:
+        p.error("--layers shrinks the preset's own model; --model brings its own: give one")
     if args.model and args.sft_steps:
         p.error("--model times RL steps of a checkpoint; --sft-steps times the demo's untrained start: give one")
     if args.sft_steps:
