@@ -148,11 +148,10 @@ def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
         # The train split rather than --sft-fresh's generated queries: the same prompts, no minute of generation.
         cfg = resolve_config({"model": "tiny", "device": device, "output_dir": tmp, "sft_candidate_ramp": 0.0,
                               "sft_fresh": 0})
-        ds = load_dataset(cfg.data)
         # The demo's own start (whole-word units: 2,169 logits per position, not a plain BPE's 1,024):
         # the head's share of a step, which this bench is about, depends on it.
-        model = str(build_tiny_start(cfg, ds, Path(tmp) / "model"))
-        tr = Trainer(replace(cfg, model=model), ds, model, dev)
+        model = make_model("tiny", Path(tmp), None)
+        tr = Trainer(replace(cfg, model=model), load_dataset(cfg.data), model, dev)
         times: dict[str, list[float]] = {"kept": [], "recomputed": []}
         default = model_module.KEEP_LOGITS
         try:
