@@ -69,7 +69,8 @@ class Config:
     gradient_checkpointing: str = _opt("auto", "recompute layer activations in backward (memory); auto: on for CUDA",
                                        choices=("auto", "on", "off"))
     keep_truncated: bool = _opt(False, "also train on rollouts cut off at --max-completion-length")
-    tis_cap: float = _opt(0.0, "truncated importance sampling: weight tokens by min(p_train/p_sampler, cap); 0: off")
+    tis_cap: float = _opt(-1.0, "truncated importance sampling: weight tokens by min(p_train/p_sampler, cap); 0: off; "
+                                "-1: 2 when sampling in bf16 (its kernels differ from training's), off in fp32")
     ref_offload: bool = _opt(False, "keep the reference model on the CPU between uses (GPU memory)")
     logprob_chunk: int = _opt(1024, "tokens per chunk of the log-prob head (memory)")
     # ReRec's components and their ablation switches
@@ -121,7 +122,10 @@ class Config:
     logging_steps: int = _opt(1, "write a metrics row (and the console line) every N RL steps")
     report_to: str = _opt("none", "also log to tensorboard (pip install tensorboard)", choices=("none", "tensorboard"))
     save_steps: int = _opt(50, "checkpoint every N RL steps (and at the end)")
-    save_total_limit: int = _opt(2, "checkpoints kept (older ones are deleted; 0: keep all)")
+    save_total_limit: int = _opt(2, "checkpoints kept (older ones deleted before a new one is written; 0: keep all). "
+                                    "A checkpoint is ~12 bytes per parameter (float32 weights + AdamW moments: "
+                                    "18.5 GB at 1.5B, 1.6 GB for SmolLM2-135M); only the newest keeps the moments, "
+                                    "older ones are a third of that")
     # the tiny model (only with --model tiny)
     tiny_layers: int = _opt(4, "tiny: transformer layers")
     tiny_hidden: int = _opt(256, "tiny: hidden size")
@@ -227,7 +231,7 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.epsilon_high >= 0, "epsilon_high", "must be >= 0")
     need(cfg.num_iterations >= 1, "num_iterations", "must be >= 1")
     need(cfg.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-    need(cfg.tis_cap >= 0, "tis_cap", "must be >= 0 (0: off)")
+    need(cfg.tis_cap >= 0 or cfg.tis_cap == -1, "tis_cap", "must be >= 0 (0: off) or -1 (2 under bf16, off in fp32)")
     need(cfg.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
     need(0 <= cfg.tau <= 1, "tau", "must be in [0, 1]")
     need(0 <= cfg.raae_penalty <= 1, "raae_penalty", "must be in [0, 1]")

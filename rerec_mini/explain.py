@@ -200,7 +200,7 @@ def loss_shares(tr: Trainer, b: Batch, adv: list[np.ndarray]) -> tuple[np.ndarra
                                                                  temperature=cfg.temperature,
                                                                  chunk_size=cfg.logprob_chunk)
             gap = (lp - m["sampler"]) * m["mask"]
-            is_weight = torch.exp(gap).clamp(max=cfg.tis_cap) if cfg.tis_cap > 0 else None
+            is_weight = torch.exp(gap).clamp(max=tr.tis_cap) if tr.tis_cap > 0 else None
             kind, n = (loss_type, norm) if loss_type != "bnpo" else \
                 ("dapo", replace(norm, tokens=chunk_tokens * norm.micro_batches))
             loss, s = policy_loss(lp, lp, m["adv"], m["mask"], n, ref_logp=ref, beta=cfg.beta, eps_low=cfg.epsilon,

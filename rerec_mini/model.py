@@ -76,6 +76,41 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class Fp32OutMatmul(torch.autograd.Function):
+    """h [..., H] @ w [V, H].T with bf16/fp16 operands, float32 accumulation AND float32 output.
+
+    On CUDA this is one GEMM (torch.mm's out_dtype, torch >= 2.8); elsewhere the operands are upcast
+    (their products are exact in float32, so it is the same arithmetic, more slowly). The backward
+    rounds the incoming gradient to the operands' dtype, as autocast's own backward would."""
+
+    mixed_gemm: bool | None = None  # does this torch have CUDA's bf16 x bf16 -> fp32 mm? (checked once)
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        h2 = h.reshape(-1, h.shape[-1])
+        with torch.autocast(h.device.type, enabled=False):
+            if h.is_cuda and Fp32OutMatmul.mixed_gemm is None:  # first use: a prefill or training forward,
+                try:                                            # never inside a CUDA-graph capture
+                    torch.mm(h2[:1], w[:1].t(), out_dtype=torch.float32)
+                    Fp32OutMatmul.mixed_gemm = True
+                except (TypeError, RuntimeError):
+                    Fp32OutMatmul.mixed_gemm = False
+            if h.is_cuda and Fp32OutMatmul.mixed_gemm:
+                out = torch.mm(h2, w.t(), out_dtype=torch.float32)
+            else:
+                out = h2.float() @ w.float().t()
+        return out.view(*h.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).to(h.dtype)
+        gh = (g2 @ w).view(h.shape) if ctx.needs_input_grad[0] else None
+        gw = g2.t() @ h.reshape(-1, h.shape[-1]) if ctx.needs_input_grad[1] else None
+        return gh, gw
+
+
 @dataclass
 class KVCache:
     """Static key/value cache owned by the sampler. k, v: [L, B, kv_heads, S, head_dim].
@@ -114,8 +149,10 @@ class Attention(nn.Module):
         if kv is None:  # training / plain forward: the sequence attends to itself causally
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            kv[0].index_copy_(2, slots, k)
-            kv[1].index_copy_(2, slots, v)
+            # the cache holds the matmul dtype: under bf16 autocast k is float32 after RoPE (cos/sin follow
+            # the float32 residual), and SDPA would round it to bf16 anyway
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, slots, v.to(kv[1].dtype))
             k, v = kv[0][:, :, :length], kv[1][:, :, :length]
             if T == 1:  # decode: the G query heads sharing a kv head become G "query positions",
                 # so no kernel ever materialises K/V repeated G times
@@ -190,8 +227,23 @@ class CausalLM(nn.Module):
         return m.norm(x)
 
     def head(self, h):
-        """[..., hidden] -> logits [..., V] in the model dtype."""
-        return F.linear(h, self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        """[..., hidden] -> logits [..., V] float32, whatever the model's or autocast's dtype.
+
+        The head's matmul runs in the compute dtype (bf16 under autocast or for a bf16 model), but its
+        output is never rounded to it: bf16 logits are quantised (a step of 0.125 for logits of 16-32),
+        and that error goes straight into every log-prob, ratio and KL the trainer computes."""
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else w.dtype
+        if dt == torch.float32:
+            return F.linear(h.float(), w.float())
+        return Fp32OutMatmul.apply(h.to(dt), w.to(dt))
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the matmuls run in here and now: autocast's when it is on, else the weights'. The
+        sampler's KV cache takes it."""
+        w = self.model.layers[0].self_attn.k_proj.weight if len(self.model.layers) else self.model.norm.weight
+        return torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
 
     def forward(self, input_ids, positions=None, cache=None, slots=None, mask=None, length=None, last_only=False):
         """input_ids: [B, T] -> logits [B, T, V] ([B, 1, V] with last_only: the head, the biggest
@@ -225,6 +277,44 @@ class CausalLM(nn.Module):
         return 6 * matmul + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
+@torch.no_grad()
+def copy_weights(dst: CausalLM, src: CausalLM) -> CausalLM:
+    """dst's parameters <- src's, matched by name, each cast to dst's dtype and device. The one name dst
+    may have that src lacks is a tied model's separate `lm_head.weight` (see frozen_copy): it takes the
+    embedding."""
+    sp = dict(src.named_parameters())
+    for name, p in dst.named_parameters():
+        if name not in sp and name != "lm_head.weight":
+            raise KeyError(f"copy_weights: {name} has no counterpart in the source model")
+        p.copy_(sp.get(name, sp.get("lm_head.weight", sp["model.embed_tokens.weight"])))
+    return dst
+
+
+def frozen_copy(model: CausalLM, bf16_matmuls: bool, device) -> CausalLM:
+    """A frozen copy of `model`, on `device`, that computes what `model` computes under bf16 autocast.
+
+    Under autocast the policy's matmuls read its float32 weights rounded to bf16, while its embeddings,
+    norms and residual stream stay float32. Storing the copy's Linear weights in bf16 and the rest in
+    float32, and running it under the same autocast, gives the same arithmetic in a little over half the
+    memory (a pure-bf16 copy differs: bf16 residuals and norms; on SmolLM2-135M its sampled log-probs
+    were 0.04 apart from the trainer's on average). A tied head gets its own bf16 copy of the embedding,
+    so that a decode step reads 2 bytes per head weight instead of casting the float32 embedding every
+    token. Built on the meta device and filled tensor by tensor: no transient second float32 model."""
+    with torch.device("meta"):
+        ref = CausalLM(model.cfg)
+        if bf16_matmuls and ref.lm_head is None:
+            ref.lm_head = nn.Linear(model.cfg.hidden_size, model.cfg.vocab_size, bias=False)
+    ref = ref.to(torch.float32).to_empty(device=device)
+    if bf16_matmuls:
+        for m in ref.modules():
+            if isinstance(m, nn.Linear):
+                m.to(torch.bfloat16)
+    copy_weights(ref, model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
 # ----------------------------------------------------------------------------- log-probs for training
 
 # Below this many logit entries (positions x vocabulary; 128 MiB in float32) the head's chunks are not
@@ -253,7 +343,7 @@ def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, 
     h_sel, targets = h[:, :-1][sel], input_ids[:, 1:][sel]    # [N, H], [N]
 
     def score(hc, tc):
-        logp = torch.log_softmax(model.head(hc).float() / temperature, dim=-1)   # [n, V] float32
+        logp = torch.log_softmax(model.head(hc) / temperature, dim=-1)   # [n, V] float32
         lp = logp.gather(-1, tc[:, None])[:, 0]
         return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else (lp,)
 

@@ -170,6 +170,20 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((p for p in found if (p / "trainer_state" / COMPLETE).exists()), key=order)
 
 
+def drop_optimizer_state(ckpt: Path) -> None:
+    """Rewrite a checkpoint's trainer_state tensors without the optimiser moments (atomically)."""
+    path = ckpt / "trainer_state" / "tensors.safetensors"
+    if not path.exists():
+        return
+    with safe_open(str(path), "pt") as f:
+        if not any(k.startswith("state.") for k in f.keys()):
+            return
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("state.")}
+    tmp = path.with_name("tensors.safetensors.tmp")
+    save_file(kept, str(tmp))
+    os.replace(tmp, path)
+
+
 def check_checkpoint(path: Path) -> tuple[dict, dict]:
     """Open every file a resume reads; return (config.json, trainer_state/state.json). Raises
     ValueError naming the file that cannot be read."""
@@ -374,8 +388,12 @@ class Run:
                 self.trainer = Trainer(cfg, plan.ds, ckpt or self.start_dir, plan.device,
                                        reference_dir=ref if in_rl else None)
                 if ckpt is not None:
-                    self.trainer.load_state_dict(load_file(str(ckpt / "trainer_state" / "tensors.safetensors")), state)
+                    tensors = load_file(str(ckpt / "trainer_state" / "tensors.safetensors"))
+                    self.trainer.load_state_dict(tensors, state)
                     self.resumed_from = ckpt
+                    if not any(k.startswith("state.") for k in tensors) and state["param_groups"]:
+                        print(f"note: {ckpt.name} is not the newest checkpoint of its run, which alone keeps the "
+                              "optimiser moments: AdamW's moments restart from zero")
                 break
             except Exception as e:  # whatever makes a checkpoint unreadable, try the one before
                 if ckpt is None or ckpt == plan.resume_from[-1]:
@@ -467,12 +485,23 @@ class Run:
 
     def save(self) -> Path:
         """An atomic checkpoint: HF-format model + tokenizer, then trainer_state/, fsynced, marked
-        complete, renamed into place; older checkpoints beyond --save-total-limit deleted."""
+        complete, renamed into place.
+
+        Disk: at 1.5B a checkpoint is ~18.5 GB (float32 weights 6.2, AdamW moments 12.4), so the
+        oldest ones beyond --save-total-limit go *before* the new one is written (one is always
+        kept until it is), and once it is complete the older ones keep their weights, RNGs and
+        curriculum but drop the optimiser moments: two thirds of the bytes. A resume from such a
+        checkpoint restarts AdamW's moments, and says so."""
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
         final = self.out / name
         tmp = final.with_name(name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        limit = self.cfg.save_total_limit
+        if limit > 0:
+            older = [c for c in checkpoints(self.out) if c != final]
+            for old in older[:len(older) - max(limit - 1, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
         save_model(tr.model, tmp)
         tr.tokenizer.save_pretrained(str(tmp))
         tensors, state = tr.state_dict()
@@ -486,9 +515,12 @@ class Run:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(self.out)
-        if self.cfg.save_total_limit > 0:
-            for old in checkpoints(self.out)[:-self.cfg.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        kept = checkpoints(self.out)
+        for old in kept[:-limit] if limit > 0 else []:  # --save-total-limit 1: the one kept while writing
+            shutil.rmtree(old, ignore_errors=True)
+        for old in kept[-limit if limit > 0 else 0:]:
+            if old != final:
+                drop_optimizer_state(old)
         return final
 
     def save_reference(self) -> None:

@@ -10,6 +10,7 @@ its positions from its first real token (position = slot - pad[row]), and a key 
 The trainer sees none of this: it gets token lists back and re-scores them right-padded.
 """
 
+import contextlib
 import time
 import warnings
 from collections import OrderedDict
@@ -64,6 +65,12 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
+def current(device: torch.device):
+    """`device` as the current CUDA device (streams and graphs belong to the current device, which with
+    --device cuda:1 is not the tensors' own); a no-op elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class DecodeStep:
     """One decode step for every row: previous tokens [R] -> next-token logits [R, V] float32.
     Writes the tokens' keys/values at cache slot `slot` (a 1-element device tensor that the caller
@@ -89,7 +96,7 @@ class DecodeStep:
             mask = mask.view(R, 1, 1, length)
         pos = (self.slot - self.pad)[:, None]
         logits = self.model(tok[:, None], positions=pos, cache=self.cache, slots=self.slot, mask=mask, length=length)
-        return logits[:, -1].float()
+        return logits[:, -1]  # float32: the head's output
 
     def __call__(self, tok, slot: int):
         if self.graphs is None:
@@ -106,19 +113,23 @@ class DecodeStep:
                 return self.run(tok, slot + 1, static=False)
         graph, static_tok, out = self.graphs[length]
         static_tok.copy_(tok)
-        graph.replay()
+        with current(tok.device):
+            graph.replay()
         return out
 
     def capture(self, tok, length):
-        static_tok = tok.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS/SDPA kernel choice);
-            self.run(static_tok, length, static=True)  # it writes this step's k/v, which the replay rewrites
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.run(static_tok, length, static=True)
+        # The model's device becomes the current one: streams and graphs belong to the current device,
+        # and with --device cuda:1 that is not the device the tensors live on.
+        with current(tok.device):
+            static_tok = tok.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuBLAS/SDPA kernel choice);
+                self.run(static_tok, length, static=True)  # it writes this step's k/v, which the replay rewrites
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.run(static_tok, length, static=True)
         return graph, static_tok, out
 
     def reset(self, pre: KVCache, pad, first_slot: int) -> None:
@@ -190,8 +201,7 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
         return Rollouts([], [], [], [])
     if max_new_tokens < 1 or min(map(len, prompts)) < 1:
         raise ValueError("generate needs max_new_tokens >= 1 and at least one token in every prompt")
-    p = next(model.parameters())
-    dev, dtype = p.device, p.dtype
+    dev, dtype = next(model.parameters()).device, model.compute_dtype  # bf16 under autocast: so is the cache
     P, G = len(prompts), num_samples
     R, Tp = P * G, max(map(len, prompts))
     S = Tp + max_new_tokens
@@ -213,7 +223,7 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
         mask = mask[:, None]
     pre = KVCache.empty(model.cfg, P, Tp, dev, dtype)
     logits = model(ids, positions=(slots - pad[:, None]).clamp(min=0), cache=pre, slots=slots, mask=mask,
-                   length=Tp, last_only=True)[:, -1].float()                                # [P, V]
+                   length=Tp, last_only=True)[:, -1]                                        # [P, V] float32
     # copy each prompt's cache to its G rows
     pad = pad.repeat_interleave(G)
     slot = torch.full((1,), Tp, device=dev)  # cache index the next token goes to
@@ -229,7 +239,7 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
         step_fn = DecodeStep(model, cache, pad, slot, S, use_cuda_graph)
     del pre
     if dev.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(dev)
     t_prefill = time.perf_counter() - t0
 
     out_tok = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)

@@ -13,14 +13,15 @@ Everything around the steps — checks, output directory, checkpoints, resume, s
 is the run's lifecycle, in run.py.
 
 Precision (--precision): on CUDA the policy keeps float32 master weights and runs under bf16
-autocast (a 5e-6 update is below bf16's resolution); rollouts come from a bf16 copy (half the
-bytes per decode step), whose per-token log-probs travel with the batch so that the gap between
-the policy that sampled and the one differentiated is logged and, with --tis-cap, corrected.
+autocast (a 5e-6 update is below bf16's resolution); rollouts come from a copy with bf16 matmul
+weights sampling under the same autocast (model.frozen_copy: the policy's arithmetic at half the
+bytes per decode step). The sampler's per-token log-probs travel with the batch, so the gap between
+the policy that sampled and the one differentiated is logged and, by truncated importance sampling
+(--tis-cap, on by default under bf16), corrected.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -36,11 +37,14 @@ from .curriculum import difficulty, make_curriculum
 from .data import Dataset, Query
 from .evaluate import evaluate_policy, stratified_head
 from .grpo import StepNorm, loss_type_name, policy_loss
-from .model import CausalLM, load_model, load_tokenizer, token_logprobs
+from .model import CausalLM, copy_weights, frozen_copy, load_model, load_tokenizer, token_logprobs
 from .querygen import fresh_queries
 from .prompts import CandidateSampler, eos_ids, item_facts, render_prompt, render_sft_target, turn_end_id
 from .rewards import RewardBreakdown, RewardConfig, Scorer
 from .sampling import DecoderPool, generate
+
+
+PAD_MULTIPLE = 64  # on CUDA, update and SFT batches are padded to a multiple of this many positions
 
 
 class TrainingStopped(RuntimeError):
@@ -76,25 +80,6 @@ def wants_checkpointing(cfg: Config, device: torch.device) -> bool:
     return cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda")
 
 
-def frozen_copy(model: CausalLM, bf16_matmuls: bool, device) -> CausalLM:
-    """A frozen copy of `model` that computes what the policy computes.
-
-    Under bf16 autocast the policy's matmuls read its float32 weights rounded to bf16, while its
-    embeddings, norms and residual stream stay float32. Storing the copy's Linear weights in bf16
-    and the rest in float32 gives the same arithmetic, bit for bit, in a little over half the
-    memory. (A pure-bf16 copy would differ: bf16 residuals and norms.)
-    """
-    ref = copy.deepcopy(model).to(device)
-    if bf16_matmuls:
-        for m in ref.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.to(torch.bfloat16)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    ref.gradient_checkpointing = False
-    return ref.eval()
-
-
 class Trainer:
     """The policy, its sampling copy and reference, the scorer, the curriculum and the optimiser,
     with one method per stage of a step. `model_dir` holds the weights to start from (a base model
@@ -121,10 +106,9 @@ class Trainer:
         self.eos = eos_ids(self.tokenizer, self.model.cfg.hf, model_dir)
         self.turn_end = turn_end_id(self.tokenizer)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
-        # Sampling runs from a bf16 copy in bf16 mode, refreshed after every change of the weights.
-        self.rollout_model = self.model
-        if self.bf16:
-            self.rollout_model = load_model(str(model_dir), device=device, dtype=torch.bfloat16).eval()
+        # Sampling runs from a bf16-matmul copy in bf16 mode (frozen_copy: the policy's own arithmetic
+        # under autocast, at half the bytes per decode step), refreshed after every change of the weights.
+        self.rollout_model = frozen_copy(self.model, True, device) if self.bf16 else self.model
         self.decoders = DecoderPool()  # CUDA graphs captured once, replayed by every step
         # The frozen reference (beta > 0 only) is the model RL starts from; start_rl() sets it.
         self.ref = None
@@ -146,8 +130,16 @@ class Trainer:
         return frozen_copy(model, self.bf16, where)
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
+        # fused on CUDA: one kernel for all parameters, and none of foreach's temporaries (GBs at 1.5B)
         return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.99),
-                                 weight_decay=self.cfg.weight_decay, eps=1e-8)
+                                 weight_decay=self.cfg.weight_decay, eps=1e-8, fused=self.device.type == "cuda")
+
+    @property
+    def tis_cap(self) -> float:
+        """--tis-cap, with -1 resolved: on (2) when sampling in bf16. The bf16 sampler runs other kernels
+        than training (one row per token vs whole sequences), so its log-probs differ from the policy's
+        by bf16 rounding (SmolLM2-135M on CPU: 0.019 on average, 0.29 at most); TIS corrects that."""
+        return (2.0 if self.bf16 else 0.0) if self.cfg.tis_cap < 0 else self.cfg.tis_cap
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -180,9 +172,7 @@ class Trainer:
         """Copy the trained weights into the bf16 sampling copy (a no-op when they are one model).
         Called after every change of the weights: an update, the end of SFT, a resume."""
         if self.rollout_model is not self.model:
-            with torch.no_grad():
-                for dst, src in zip(self.rollout_model.parameters(), self.model.parameters()):
-                    dst.copy_(src)
+            copy_weights(self.rollout_model, self.model)
 
     def start_rl(self) -> None:
         """SFT is over (or there was none): the current weights become the frozen reference and the
@@ -203,6 +193,8 @@ class Trainer:
         """Right-padded [N, T] ids and the [N, T] mask of completion tokens (the targets), on the device
         (move=False: on the CPU, for more assembly first)."""
         T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+        if self.device.type == "cuda":  # few distinct shapes: cuDNN attention (torch's default on H100/H200)
+            T = -(-T // PAD_MULTIPLE) * PAD_MULTIPLE  # builds a plan per new shape, 55-400 ms each
         ids = torch.full((len(prompts), T), self.pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), T), dtype=torch.bool)
         for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -301,9 +293,10 @@ class Trainer:
                                         negatives=cfg.negatives) for q in queries]
         prompts = [self.prompt_ids(q, c) for q, c in zip(queries, cands)]
         self.rollout_model.eval()
-        ro = generate(self.rollout_model, prompts, max_new_tokens=cfg.max_completion_length,
-                      num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                      eos_token_id=self.eos, seed=cfg.seed * 1_000_003 + self.step_no, pool=self.decoders)
+        with self.autocast():  # the sampling copy computes what the policy computes under autocast
+            ro = generate(self.rollout_model, prompts, max_new_tokens=cfg.max_completion_length,
+                          num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                          eos_token_id=self.eos, seed=cfg.seed * 1_000_003 + self.step_no, pool=self.decoders)
         return Batch(queries, idx, cands, prompts, ro.completions, ro.logprobs, ro.truncated)
 
     def score(self, b: Batch) -> RewardBreakdown:
@@ -422,7 +415,7 @@ class Trainer:
                 old = m.get("old", lp.detach())
                 # How far the sampler's log-probs are from the policy's (bf16 copy vs fp32 weights).
                 gap = (old - m["sampler"]) * m["mask"]
-                is_weight = torch.exp(gap).clamp(max=cfg.tis_cap) if cfg.tis_cap > 0 else None
+                is_weight = torch.exp(gap).clamp(max=self.tis_cap) if self.tis_cap > 0 else None
                 loss, s = policy_loss(lp, old, m["adv"], m["mask"], norm, ref_logp=m.get("ref"), beta=cfg.beta,
                                       eps_low=cfg.epsilon, eps_high=cfg.epsilon_high, loss_type=loss_type,
                                       is_weight=is_weight)
@@ -509,12 +502,13 @@ class Trainer:
                         history_len=cfg.history_len, show_attributes=cfg.show_attributes, answer_size=cfg.answer_size,
                         request_last=cfg.request_last, max_completion_length=cfg.max_completion_length,
                         step=self.step_no, phase=self.phase)
-        result = evaluate_policy(
-            self.rollout_model, self.tokenizer, self.ds, queries, scorer=self.scorer, candidate_sampler=self.candidates,
-            num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
-            seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
-            request_last=cfg.request_last, max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
-            pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
+        with self.autocast():
+            result = evaluate_policy(
+                self.rollout_model, self.tokenizer, self.ds, queries, scorer=self.scorer, candidate_sampler=self.candidates,
+                num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
+                seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
+                request_last=cfg.request_last, max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
+                pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
         return {**result, "settings": settings}
 
     # ------------------------------------------------------------------------- state

@@ -172,9 +172,31 @@ def test_gradient_checkpointing_same_gradients():
 def test_bf16_keeps_rope_in_float32_and_counts():
     model = small_model().to(torch.bfloat16)
     assert model.model.rotary.inv_freq.dtype == torch.float32
-    assert model(torch.randint(0, 512, (1, 8))).dtype == torch.bfloat16
+    assert model(torch.randint(0, 512, (1, 8))).dtype == torch.float32  # the head's output: see the next test
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert model.flops_per_token(128) > 6 * (model.num_parameters() - 512 * 64)
+
+
+@pytest.mark.parametrize("where", ["bf16 model", "fp32 model under bf16 autocast"])
+def test_head_logits_are_float32_products_of_the_bf16_operands(where):
+    """bf16 logits are quantised (a step of 0.125 between 16 and 32), an error every log-prob, ratio and
+    KL would carry. The head multiplies bf16 operands but accumulates and returns float32: equal to the
+    float64 product of the same operands within float32 rounding, and its gradient reaches both."""
+    torch.manual_seed(0)
+    model = small_model()
+    if where == "bf16 model":
+        model = model.to(torch.bfloat16)
+    h = (torch.randn(3, 5, 64) * 4).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=where != "bf16 model"):
+        logits = model.head(h.to(next(model.parameters()).dtype))
+    w = model.model.embed_tokens.weight
+    exact = h.detach().bfloat16().double() @ w.detach().bfloat16().double().t()
+    assert logits.dtype == torch.float32 and logits.shape == (3, 5, 512)
+    assert (logits.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+    rounded = exact.bfloat16().double()  # what a bf16 output would have been: far coarser
+    assert (rounded - exact).abs().max() > 100 * (logits.double() - exact).abs().max()
+    logits.square().sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
 
 
 TEXTS = ["The Matrix (1999)", "Amélie (2001)", "Crouching Tiger, Hidden Dragon (2000)",

@@ -172,6 +172,39 @@ def test_a_checkpoint_without_its_completion_mark_is_ignored(micro_model, tmp_pa
     assert [p.name for p in checkpoints(out)] == ["checkpoint-1"]
 
 
+def test_checkpoints_are_pruned_before_writing_and_only_the_newest_keeps_the_optimiser(micro_model, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """At 1.5B a checkpoint is ~18.5 GB: never limit + 1 of them on disk while one is written, and only
+    the newest keeps the AdamW moments (two thirds of the bytes). A resume from an older one says that
+    the moments restart."""
+    from safetensors import safe_open
+    from rerec_mini import run as run_module
+    complete_while_writing = []
+    real = run_module.save_model
+
+    def spy(model, out_dir, **kw):
+        if Path(out_dir).name.startswith("checkpoint-"):
+            complete_while_writing.append(len(checkpoints(Path(out_dir).parent)))
+        return real(model, out_dir, **kw)
+
+    monkeypatch.setattr(run_module, "save_model", spy)
+    out = tmp_path / "run"
+    assert run_cli(micro_flags(micro_model, out, max_steps=4, save_steps=1, save_total_limit=2, keep_truncated=True),
+                   capsys)[0] == 0
+    assert complete_while_writing == [0, 1, 1, 1]
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+
+    def moments(ckpt):
+        with safe_open(str(ckpt / "trainer_state" / "tensors.safetensors"), "pt") as f:
+            return [k for k in f.keys() if k.startswith("state.")], [k for k in f.keys() if k.startswith("rng.")]
+    assert moments(out / "checkpoint-4")[0] and not moments(out / "checkpoint-3")[0]
+    assert moments(out / "checkpoint-3")[1]  # everything else stays
+    code, stdout, err = run_cli(["--resume", str(out / "checkpoint-3"), "--max-steps", "4"], capsys)
+    assert code == 0 and "AdamW's moments restart from zero" in stdout, err
+    code, stdout, err = run_cli(["--resume", "--output-dir", str(out), "--max-steps", "5"], capsys)
+    assert code == 0 and "moments restart" not in stdout, err
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_143(micro_model, tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, str(REPO / "train.py")] + micro_flags(micro_model, out, max_steps=500, save_steps=1000)

@@ -169,12 +169,52 @@ def test_bf16_sampling_copy_is_synced_after_sft(micro_model, tmp_path):
     run = Run(prepare(micro_config(micro_model, tmp_path / "run", precision="bf16", sft_steps=3, max_steps=0,
                                    sft_learning_rate=1e-2)))
     tr = run.trainer
-    assert tr.rollout_model is not tr.model and next(tr.rollout_model.parameters()).dtype == torch.bfloat16
+    assert tr.rollout_model is not tr.model
+    assert tr.rollout_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the matmuls: bf16
+    assert tr.rollout_model.model.embed_tokens.weight.dtype == torch.float32           # the residual stream: not
     run.execute()
     init = load_model(micro_model).state_dict()
-    for (name, copy), trained in zip(tr.rollout_model.named_parameters(), tr.model.parameters()):
-        assert torch.equal(copy, trained.detach().to(torch.bfloat16)), name
+    trained = dict(tr.model.named_parameters())
+    trained["lm_head.weight"] = trained["model.embed_tokens.weight"]  # tied: the copy keeps a bf16 head of its own
+    for name, copy in tr.rollout_model.named_parameters():
+        assert torch.equal(copy, trained[name].detach().to(copy.dtype)), name
     assert any(not torch.equal(init[n], p.detach()) for n, p in tr.model.named_parameters())
+
+
+def test_the_sampling_copy_samples_what_the_policy_computes(micro_model, tmp_path, ds):
+    """bf16 mode: the sampler's log-probs of its own tokens against the policy's under autocast. The
+    trainer's copy (bf16 matmul weights, float32 residual and norms, sampling under autocast) is much
+    closer than a pure-bf16 copy; what is left is the decode kernels' rounding (TIS corrects it)."""
+    from rerec_mini.bench.train import sampler_gap
+    tr = Trainer(micro_config(micro_model, tmp_path / "gap", precision="bf16", max_completion_length=16,
+                              num_generations=4), ds, micro_model, torch.device("cpu"))
+    tr.start_rl()
+    gap = sampler_gap(tr, queries=8)
+    assert gap["trainer_copy"]["tokens"] > 200 and gap["pure_bf16_copy"]["tokens"] > 200
+    assert gap["trainer_copy"]["mean_abs"] < 0.5 * gap["pure_bf16_copy"]["mean_abs"]
+    assert gap["trainer_copy"]["max_abs"] < 0.01
+
+
+def test_tis_is_on_by_default_only_when_sampling_in_bf16(micro_model, tmp_path, ds):
+    caps = {}
+    for precision, cap in (("bf16", -1.0), ("fp32", -1.0), ("bf16", 0.0), ("fp32", 3.0)):
+        tr = Trainer(micro_config(micro_model, tmp_path / f"{precision}{cap}", precision=precision, tis_cap=cap), ds,
+                     micro_model, torch.device("cpu"))
+        caps[precision, cap] = tr.tis_cap
+    assert caps == {("bf16", -1.0): 2.0, ("fp32", -1.0): 0.0, ("bf16", 0.0): 0.0, ("fp32", 3.0): 3.0}
+    assert Config().tis_cap == -1.0
+
+
+def test_cuda_batches_pad_to_a_multiple_so_attention_sees_few_shapes(micro_model, tmp_path, ds):
+    """cuDNN attention builds a plan per new sequence length (55-400 ms each): on CUDA the update's and
+    SFT's batches are padded to a multiple of PAD_MULTIPLE positions; on the CPU nothing is added."""
+    tr = Trainer(micro_config(micro_model, tmp_path / "pad"), ds, micro_model, torch.device("cpu"))
+    prompts, completions = [[5] * 30, [6] * 41], [[7] * 9, [8] * 3]
+    ids, mask = tr._pack(prompts, completions, move=False)
+    assert ids.shape[1] == 44
+    tr.device = torch.device("cuda")  # move=False: nothing touches a GPU
+    ids, mask = tr._pack(prompts, completions, move=False)
+    assert ids.shape[1] == T.PAD_MULTIPLE and mask.sum() == 12 and (ids[:, 44:] == tr.pad).all()
 
 
 def test_bf16_path_logs_the_sampler_gap_and_fp32_has_none(micro_model, tmp_path, varied_rewards, ds):

@@ -40,8 +40,9 @@ import torch
 from ..config import BUNDLED_DATA, resolve_config
 from ..data import load_dataset
 from .. import model as model_module
-from ..model import CausalLM, ModelConfig, build_tiny, save_model
+from ..model import CausalLM, ModelConfig, build_tiny, copy_weights, resolve_model_dir, save_model, token_logprobs
 from ..run import build_tiny_start, dataset_texts, pick_device
+from ..sampling import DecoderPool, generate
 from ..trainer import Trainer
 
 # Qwen2.5-1.5B-Instruct's config.json (the fields our decoder reads).
@@ -62,7 +63,8 @@ PRESETS = {
 }
 
 
-def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict | None = None) -> str:
+def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict | None = None,
+               device: torch.device | str = "cpu") -> str:
     """A model directory for the preset. tiny: the demo's own start, as `train.py --model tiny` builds
     it before SFT (whole-word units with their kind init: 2,169 logits per position). qwen2.5-1.5b:
     its architecture with random weights and the tiny byte-level tokenizer without units, whose prompt
@@ -78,7 +80,9 @@ def make_model(preset: str, out: Path, layers: int | None, model_overrides: dict
     names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
     hf = dict(QWEN25_15B, **{names.get(k, k): v for k, v in (model_overrides or {}).items()})
     hf["num_hidden_layers"] = layers or hf["num_hidden_layers"]
-    big = CausalLM(ModelConfig.from_hf_dict(hf)).init_weights(0)
+    with torch.device("meta"):  # initialised where it will run: 1.5B random numbers take a while on a CPU
+        big = CausalLM(ModelConfig.from_hf_dict(hf))
+    big = big.to_empty(device=device).init_weights(0)
     for f in path.glob("*.safetensors"):
         f.unlink()
     save_model(big, path)
@@ -97,25 +101,32 @@ def update_flops(model: CausalLM, row: dict, with_reference: bool) -> float:
 
 def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int = 1, layers: int | None = None,
         peak_tflops: float = 989.0, overrides: dict | None = None, model_overrides: dict | None = None,
-        model: str | None = None) -> dict:
+        model: str | None = None, gap: bool = False) -> dict:
     """The benchmark as a function (bench gpu calls it): median figures of `steps` timed steps.
     overrides: Config fields over the preset; model_overrides: config.json fields (see make_model);
-    model: a checkpoint directory to time instead of the preset's freshly initialised model."""
+    model: a checkpoint directory to time instead of the preset's freshly initialised model;
+    gap: also measure the sampler/trainer log-prob gap first (`sampler_gap`)."""
     dev = pick_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        path = model or make_model(preset, Path(tmp), layers, model_overrides)
+        path = model or make_model(preset, Path(tmp), layers, model_overrides, dev)
         cfg = resolve_config({"model": "tiny", **PRESETS[preset], "device": device, "output_dir": tmp,
                               "max_steps": warmup + steps, "sft_steps": 0, **(overrides or {})})
         tr = Trainer(replace(cfg, model=path), load_dataset(cfg.data), path, dev)
         tr.start_rl()
+        gaps = sampler_gap(tr) if gap else None
+        tr.decoders.clear()  # the gap check's graphs and KV cache (another row count) must not count below
         if dev.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            static_gb = torch.cuda.memory_allocated() / 1e9  # policy, gradients-to-be excluded, copies, reference
             torch.cuda.reset_peak_memory_stats()
         rows = []
         for k in range(warmup + steps):
             t0 = time.perf_counter()
             row = tr.step()
             row["time/step"] = time.perf_counter() - t0
+            if k == 0:
+                first = row
             if k >= warmup:
                 rows.append(row)
         keys = ("time/sample", "time/score", "time/advantage", "time/update", "time/step", "tokens_per_s",
@@ -132,12 +143,57 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
         }
         out["phase_share"] = {k: round(med[k] / med["time/step"], 3)
                               for k in ("time/sample", "time/score", "time/advantage", "time/update")}
+        out["first_step"] = {k: first.get(k) for k in ("sampling/logp_diff_mean", "sampling/logp_diff_max",
+                                                        "sampling/ratio_off_frac", "kl", "time/step")}
+        out["tis_cap"] = tr.tis_cap
+        if gaps:
+            out["sampler_gap"] = gaps
         if dev.type == "cuda":
+            out["memory_before_first_step_gb"] = static_gb
             out["peak_tflops"] = peak_tflops
             out["mfu_update"] = out["update_tflop_per_s"] / peak_tflops
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             out["device_name"] = torch.cuda.get_device_name(dev)
     return out
+
+
+def sampler_gap(tr: Trainer, queries: int = 8) -> dict:
+    """How far the sampler's log-probs are from the policy's, on the tokens it sampled (what --tis-cap
+    corrects): the trainer's sampling copy (bf16 matmul weights, float32 residual and norms, under
+    autocast) against a pure-bf16 copy (the copy used before 2026-12), each on its own samples of the
+    same prompts, both scored by the policy under autocast as the update scores them."""
+    cfg, G = tr.cfg, tr.cfg.num_generations
+    b = tr.rollout(tr.train_queries[:queries])
+    with torch.device("meta"):
+        pure = CausalLM(tr.model.cfg)
+    pure = copy_weights(pure.to(torch.bfloat16).to_empty(device=tr.device), tr.model).eval()
+    ro = generate(pure, b.prompt_ids, max_new_tokens=cfg.max_completion_length, num_samples=G,
+                  temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=tr.eos, seed=cfg.seed, pool=DecoderPool())
+    del pure
+
+    def stats(completions, logprobs) -> dict:
+        rows = [r for r, c in enumerate(completions) if c]
+        ids, mask = tr._pack([b.prompt_ids[r // G] for r in rows], [completions[r] for r in rows])
+        with torch.no_grad(), tr.autocast():
+            lp = token_logprobs(tr.model, ids, mask, temperature=cfg.temperature, chunk_size=cfg.logprob_chunk)
+        sampled = torch.tensor([x for r in rows for x in logprobs[r]], device=lp.device)
+        d = (lp[mask] - sampled).abs()
+        return {"tokens": d.numel(), "mean_abs": float(d.mean()), "max_abs": float(d.max()),
+                "ratio_off_frac": float(((d.exp() - 1).abs() > 0.1).float().mean())}
+    return {"trainer_copy": stats(b.completions, b.sampler_logprobs), "pure_bf16_copy": stats(ro.completions, ro.logprobs),
+            "rows": len(b.completions), "precision": "bf16" if tr.bf16 else "fp32"}
+
+
+def sampler_gap_of(model: str, data: str, prompt: dict, device: str = "auto") -> dict:
+    """sampler_gap for a model directory/.gguf/alias on a dataset, with the given prompt settings."""
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = resolve_config({"model": model, "data": data, **prompt, "device": device, "output_dir": tmp,
+                              "sft_steps": 0, "beta": 0.0, "num_generations": 4})
+        path = resolve_model_dir(model)
+        tr = Trainer(replace(cfg, model=str(path)), load_dataset(data), path, dev)
+        tr.start_rl()
+        return sampler_gap(tr)
 
 
 def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
