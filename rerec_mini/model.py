@@ -6,6 +6,7 @@ Also here: resolving a model name (dir, .gguf file, hub id, alias, `tiny`), the 
 (never a float32 [B, T, V] tensor; V is 151,936 for Qwen2.5).
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -130,6 +131,24 @@ class KVCache:
         return KVCache(self.k[:, rows], self.v[:, rows])
 
 
+def flash_first(q: torch.Tensor):
+    """On CUDA, try flash attention before cuDNN for plain causal attention (no mask).
+
+    torch 2.11 tries cuDNN first on H100/H200, and cuDNN builds a plan for every new sequence length:
+    102 ms the first time against 1.1 ms after, on an H200 at the training shape (q [8, 12, ~1k, 128],
+    2 KV heads, forward + backward), where flash took 0.86 ms every time (BENCHMARKS.md, GPU). Batches
+    of rollouts have a new length at nearly every step. With a mask (decode, padded prefill) flash
+    does not apply and torch's own order stays."""
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.6: no priorities (and cuDNN was not yet first)
+        return contextlib.nullcontext()
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,7 +166,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         gqa = self.nh != self.nkv
         if kv is None:  # training / plain forward: the sequence attends to itself causally
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            with flash_first(q):
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # the cache holds the matmul dtype: under bf16 autocast k is float32 after RoPE (cos/sin follow
             # the float32 residual), and SDPA would round it to bf16 anyway
@@ -160,7 +180,8 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, self.nh, 1, self.hd)
             else:  # prefill: the kernels that take a mask don't take enable_gqa, so repeat K/V here
                 k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+                with flash_first(q) if mask is None else contextlib.nullcontext():
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 

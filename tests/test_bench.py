@@ -37,6 +37,25 @@ def test_gpu_check_records_a_failing_part_and_runs_the_others(tmp_path, monkeypa
     assert "update_tokens" in parts["train"]
 
 
+def test_an_isolated_part_that_crashes_costs_only_itself(tmp_path):
+    """On the H200 an MMU fault took the whole check down (transformers' compiled generate after the
+    train part, in one process): with --isolate each part runs in a child, and a child that dies by a
+    signal is recorded with its last lines."""
+    import sys
+    died = gpu.run_isolated([sys.executable, "-c", "import os; print('loading the model'); os.abort()"],
+                            tmp_path / "none.json")
+    assert "killed by signal 6" in died["error"] and "loading the model" in died["traceback"]
+    (tmp_path / "r.json").write_text('{"figure": 1.5}')
+    assert gpu.run_isolated([sys.executable, "-c", "pass"], tmp_path / "r.json") == {"figure": 1.5}
+
+
+def test_gpu_check_isolated_runs_a_part_in_a_child(tmp_path):
+    assert gpu.main(["--smoke", "--isolate", "--out", str(tmp_path), "--parts", "sampler"]) == 0
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["isolated"] and res["parts"]["sampler"]["ratio"] > 0
+    assert not list(tmp_path.glob(".part-*"))
+
+
 def test_sampler_bench_on_a_real_checkpoint_reads_its_weights():
     """`bench sampler --model M`: both sides hold the checkpoint's weights (tiny: the bundled tokenizer's
     vocabulary, not the preset's), and every row gets exactly the asked number of tokens."""

@@ -397,6 +397,25 @@ def environment() -> dict:
     return env
 
 
+def run_isolated(cmd: list[str], result: Path) -> dict:
+    """Run one part in a child process: a crash inside CUDA (an MMU fault takes the whole process down,
+    as one did on the H200 when transformers' compiled generate ran after the train part in the same
+    process) costs that part only. The child's output streams through; its last lines go into the
+    record when it dies without writing `result`."""
+    from collections import deque
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"})
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        tail.append(line)
+    code = proc.wait()
+    if result.exists():
+        return json.loads(result.read_text())
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    return {"error": f"the part's process died ({how}) without a result", "traceback": "".join(tail)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rerec_mini.bench gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -407,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="graph,kernels,train,sampler,real",
                    help="comma list of graph,kernels,train,sampler,real [all, in that order]")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each part in its own process, so that a crash costs only that part [on, off with --smoke]")
+    p.add_argument("--one-part", help=argparse.SUPPRESS)  # the child of --isolate: run this part, write its JSON
     args = p.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA GPU here: run with --smoke for the CPU check of the code paths")
@@ -415,27 +437,40 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"graph": lambda: part_graph(args.smoke), "kernels": lambda: part_kernels(args.smoke),
                "train": lambda: part_train(args.smoke, args.peak_tflops), "sampler": lambda: part_sampler(args.smoke),
                "real": lambda: part_real(args.smoke, args.gguf, args.data, out)}
-    parts = [n for n in args.parts.split(",") if n]
+    parts = [args.one_part] if args.one_part else [n for n in args.parts.split(",") if n]
     unknown = [n for n in parts if n not in runners]
     if unknown:
         p.error(f"--parts: unknown {','.join(unknown)} (choose from {','.join(runners)})")
+    isolate = (not args.smoke if args.isolate is None else args.isolate) and not args.one_part
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke,
                "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
-               "torch": torch.__version__, "environment": environment(), "parts": {}}
+               "torch": torch.__version__, "environment": environment(), "isolated": isolate, "parts": {}}
     failed = 0
     for name in parts:
         t = time.perf_counter()
-        print(f"[gpu check] {name} ...", flush=True)
-        try:
-            r = runners[name]()
-        except Exception as e:  # one part's failure must not cost the others' figures
-            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        if torch.cuda.is_available():
-            r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        if not args.one_part:
+            print(f"[gpu check] {name} ...", flush=True)
+        if isolate:
+            child = out / f".part-{name}.json"
+            child.unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "rerec_mini.bench", "gpu", *(argv if argv is not None else sys.argv[2:]),
+                   "--one-part", name]
+            r = run_isolated(cmd, child)
+            child.unlink(missing_ok=True)
+        else:
+            try:
+                r = runners[name]()
+            except Exception as e:  # one part's failure must not cost the others' figures
+                r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            if torch.cuda.is_available():
+                r["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
         failed += "error" in r
         r["part_seconds"] = time.perf_counter() - t
+        if args.one_part:  # the child: hand the result to the parent
+            (out / f".part-{name}.json").write_text(json.dumps(r, default=str))
+            return 0
         results["parts"][name] = r
         write(out, results)
         print(f"[gpu check] {name}: {'FAILED ' + r['error'] if 'error' in r else 'done'} "
