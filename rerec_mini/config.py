@@ -73,6 +73,9 @@ class Config:
                                 "-1: 2 when sampling in bf16 (its kernels differ from training's), off in fp32")
     ref_offload: bool = _opt(False, "keep the reference model on the CPU between uses (GPU memory)")
     logprob_chunk: int = _opt(1024, "tokens per chunk of the log-prob head (memory)")
+    share_prompt: str = _opt("auto", "update: compute each prompt once for its G rollouts instead of once per rollout "
+                                     "(same loss and gradients); auto: on when (G-1) x mean prompt length >= mean "
+                                     "completion length, where it measured faster", choices=("auto", "on", "off"))
     # ReRec's components and their ablation switches
     curriculum: str = _opt("buckets", "query sampler", choices=("none", "paper", "buckets"))
     tau: float = _opt(0.1, "difficulty below which a query counts as mastered (retired)")
@@ -161,10 +164,10 @@ def negatable(name: str) -> bool:
 # Flags that only change how a run is carried out or looked at, not what it computes: a resumed
 # run may change them freely. Every other flag changes the run's meaning (--override-config).
 # Not here: device (cpu <-> cuda switches precision=auto between fp32 and bf16). Two caveats:
-# micro_batch_size matters for loss_type bnpo (run.prepare checks), and a longer max_steps
+# micro_batch_size and share_prompt matter for loss_type bnpo (run.prepare checks), and a longer max_steps
 # stretches the buckets curriculum's easy -> hard schedule over the new length.
 HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps", "micro_batch_size",
-            "gradient_checkpointing", "ref_offload", "logprob_chunk", "eval_steps", "eval_limit", "eval_split",
+            "gradient_checkpointing", "ref_offload", "logprob_chunk", "share_prompt", "eval_steps", "eval_limit", "eval_split",
             "logging_steps", "report_to", "save_steps", "save_total_limit"}
 
 

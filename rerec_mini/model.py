@@ -158,12 +158,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, kv=None, slots=None, mask=None, length=None):
-        """x: [B, T, hidden] -> [B, T, hidden]. kv: this layer's (k, v) cache [B, kv_heads, S, D] or None."""
+    def qkv(self, x, cos, sin):
+        """x: [B, T, hidden] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], RoPE applied."""
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2), cos, sin)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        return q, k, self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+
+    def out(self, y):
+        """y: [B, heads, T, D] -> [B, T, hidden]."""
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def forward(self, x, cos, sin, kv=None, slots=None, mask=None, length=None):
+        """x: [B, T, hidden] -> [B, T, hidden]. kv: this layer's (k, v) cache [B, kv_heads, S, D] or None."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         gqa = self.nh != self.nkv
         if kv is None:  # training / plain forward: the sequence attends to itself causally
             with flash_first(q):
@@ -182,7 +192,27 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
                 with flash_first(q) if mask is None else contextlib.nullcontext():
                     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return self.out(y)
+
+    def shared(self, xp, xc, rope_p, rope_c, group, mask):
+        """Prompts once, their completions after them (training with --share-prompt).
+
+        xp: [P, Tp, hidden] the prompts, each attending causally to itself; xc: [N, Tc, hidden] the
+        completions, row n continuing prompt group[n] ([N] long), each attending to that prompt's keys
+        and to its own causal past, as `mask` [N, 1, Tc, Tp + Tc] says. rope_p, rope_c: (cos, sin) at
+        the prompt's and the completions' positions. -> ([P, Tp, hidden], [N, Tc, hidden]).
+        A completion reads its prompt's keys and values gathered by `group` (a copy of K/V, 2 x
+        kv_heads x D numbers per prompt token, not a recompute of the layer); autograd adds the G
+        completions' gradients into the one prompt pass through that gather."""
+        qp, kp, vp = self.qkv(xp, *rope_p)
+        with flash_first(qp):
+            yp = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=self.nh != self.nkv)
+        qc, kc, vc = self.qkv(xc, *rope_c)
+        rep = self.nh // self.nkv  # the kernels that take a mask don't take enable_gqa (as in prefill)
+        k = torch.cat([kp[group], kc], dim=2).repeat_interleave(rep, 1)  # [N, heads, Tp + Tc, D]
+        v = torch.cat([vp[group], vc], dim=2).repeat_interleave(rep, 1)
+        yc = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask)
+        return self.out(yp), self.out(yc)
 
 
 class MLP(nn.Module):
@@ -208,6 +238,12 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, kv=None, slots=None, mask=None, length=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, slots, mask, length)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def shared(self, xp, xc, rope_p, rope_c, group, mask):
+        """The block over prompts and the completions that continue them (see Attention.shared)."""
+        ap, ac = self.self_attn.shared(self.input_layernorm(xp), self.input_layernorm(xc), rope_p, rope_c, group, mask)
+        xp, xc = xp + ap, xc + ac
+        return xp + self.mlp(self.post_attention_layernorm(xp)), xc + self.mlp(self.post_attention_layernorm(xc))
 
 
 class Decoder(nn.Module):
@@ -246,6 +282,29 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin)
         return m.norm(x)
+
+    def shared_hidden_states(self, prompts, prompt_len, completions, group):
+        """Final-normed hidden states of completions whose prompt is computed once per group.
+
+        prompts: [P, Tp] right-padded prompt ids, prompt_len: [P] their lengths; completions: [N, Tc]
+        right-padded completion ids, group: [N] the prompt row each continues (usually G rows per
+        prompt). -> (prompt states [P, Tp, hidden], completion states [N, Tc, hidden]), equal to what
+        `hidden_states` gives on each prompt + completion sequence, for P + N*Tc tokens through the
+        trunk instead of N*(Tp + Tc)."""
+        m, dev = self.model, prompts.device
+        Tp, Tc = prompts.shape[1], completions.shape[1]
+        pos_c = prompt_len[group][:, None] + torch.arange(Tc, device=dev)                   # [N, Tc]
+        key_in_prompt = torch.arange(Tp, device=dev) < prompt_len[group][:, None]           # [N, Tp]
+        causal = torch.ones(Tc, Tc, dtype=torch.bool, device=dev).tril()                    # [Tc, Tc]
+        mask = torch.cat([key_in_prompt[:, None].expand(-1, Tc, -1), causal.expand(len(group), -1, -1)], -1)[:, None]
+        xp, xc = m.embed_tokens(prompts), m.embed_tokens(completions)
+        rope_p, rope_c = m.rotary(torch.arange(Tp, device=dev), xp.dtype), m.rotary(pos_c, xc.dtype)
+        for layer in m.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                xp, xc = checkpoint(layer.shared, xp, xc, rope_p, rope_c, group, mask, use_reentrant=False)
+            else:
+                xp, xc = layer.shared(xp, xc, rope_p, rope_c, group, mask)
+        return m.norm(xp), m.norm(xc)
 
     def head(self, h):
         """[..., hidden] -> logits [..., V] float32, whatever the model's or autocast's dtype.
@@ -361,8 +420,29 @@ def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, 
         raise ValueError("target_mask[:, 0] must be False: the first token has no preceding position")
     h = model.hidden_states(input_ids)                        # [B, T, H]
     sel = target_mask[:, 1:]
-    h_sel, targets = h[:, :-1][sel], input_ids[:, 1:][sel]    # [N, H], [N]
+    return _score(model, h[:, :-1][sel], input_ids[:, 1:][sel], target_mask, temperature, chunk_size, with_entropy,
+                  keep_logits)
 
+
+def shared_token_logprobs(model: CausalLM, prompts, prompt_len, completions, completion_mask, group, *,
+                          temperature=1.0, chunk_size=1024, with_entropy=False, keep_logits=None):
+    """`token_logprobs` of completion tokens, each prompt computed once for all its completions.
+
+    prompts: [P, Tp] right-padded, prompt_len: [P]; completions: [N, Tc] right-padded, completion_mask:
+    [N, Tc] True on real completion tokens (all of them are targets: the first is predicted from the
+    prompt's last position); group: [N] the prompt row of each completion. Returns logprobs [N, Tc]
+    (and entropy [N, Tc]), equal to token_logprobs' values at the completion positions of each
+    prompt + completion sequence."""
+    hp, hc = model.shared_hidden_states(prompts, prompt_len, completions, group)   # [P, Tp, H], [N, Tc, H]
+    last = hp[group, prompt_len[group] - 1]                                           # [N, H]: predicts token 0
+    h = torch.cat([last[:, None], hc[:, :-1]], dim=1)                                # [N, Tc, H]: predicts token t
+    return _score(model, h[completion_mask], completions[completion_mask], completion_mask, temperature, chunk_size,
+                  with_entropy, keep_logits)
+
+
+def _score(model: CausalLM, h_sel, targets, out_mask, temperature, chunk_size, with_entropy, keep_logits):
+    """The head over the selected positions h_sel [N, H] with their targets [N], chunk by chunk,
+    scattered back into out_mask's shape (see token_logprobs)."""
     def score(hc, tc):
         logp = torch.log_softmax(model.head(hc) / temperature, dim=-1)   # [n, V] float32
         lp = logp.gather(-1, tc[:, None])[:, 0]
@@ -376,8 +456,8 @@ def token_logprobs(model: CausalLM, input_ids, target_mask, *, temperature=1.0, 
         outs.append(checkpoint(score, hc, tc, use_reentrant=False) if recompute else score(hc, tc))
 
     def scatter(k):
-        vals = torch.cat([o[k] for o in outs]) if outs else h.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(target_mask.shape, dtype=torch.float32, device=h.device).masked_scatter(target_mask, vals)
+        vals = torch.cat([o[k] for o in outs]) if outs else h_sel.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(out_mask.shape, dtype=torch.float32, device=h_sel.device).masked_scatter(out_mask, vals)
     return (scatter(0), scatter(1)) if with_entropy else scatter(0)
 
 

@@ -299,8 +299,8 @@ def prepare(flags: dict | Config) -> Plan:
         user = {k: v for k, v in flags.items() if k not in ("resume", "output_dir")}
         cfg = resolve_config({**user, "output_dir": str(out), "resume": resume}, saved=saved)
         harmless = set(HARMLESS)
-        if loss_type_name(cfg.loss_type) == "bnpo":  # bnpo normalises each micro-batch on its own
-            harmless.discard("micro_batch_size")
+        if loss_type_name(cfg.loss_type) == "bnpo":  # bnpo normalises each micro-batch on its own, and
+            harmless -= {"micro_batch_size", "share_prompt"}  # sharing keeps a group's rollouts in one
         changed = {k: (saved.get(k), v) for k, v in user.items() if k not in harmless and saved.get(k) != v}
         if changed and not flags.get("override_config"):
             what = ", ".join(f"--{k.replace('_', '-')} {new!r} (was {old!r})" for k, (old, new) in changed.items())

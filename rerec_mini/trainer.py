@@ -37,7 +37,8 @@ from .curriculum import difficulty, make_curriculum
 from .data import Dataset, Query
 from .evaluate import evaluate_policy, stratified_head
 from .grpo import StepNorm, loss_type_name, policy_loss
-from .model import CausalLM, copy_weights, frozen_copy, load_model, load_tokenizer, token_logprobs
+from .model import (CausalLM, copy_weights, frozen_copy, load_model, load_tokenizer, shared_token_logprobs,
+                    token_logprobs)
 from .querygen import fresh_queries
 from .prompts import CandidateSampler, eos_ids, item_facts, render_prompt, render_sft_target, turn_end_id
 from .rewards import RewardBreakdown, RewardConfig, Scorer
@@ -189,17 +190,23 @@ class Trainer:
                              request_last=self.cfg.request_last)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids [n, T] and the mask of real tokens [n, T], on the CPU."""
+        T = max(map(len, seqs))
+        if self.device.type == "cuda":  # few distinct shapes: cuDNN attention (torch's default on H100/H200)
+            T = -(-T // PAD_MULTIPLE) * PAD_MULTIPLE  # builds a plan per new shape, ~100 ms each
+        ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
+        real = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+            real[i, :len(x)] = True
+        return ids, real
+
     def _pack(self, prompts: list[list[int]], completions: list[list[int]], move: bool = True):
         """Right-padded [N, T] ids and the [N, T] mask of completion tokens (the targets), on the device
         (move=False: on the CPU, for more assembly first)."""
-        T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        if self.device.type == "cuda":  # few distinct shapes: cuDNN attention (torch's default on H100/H200)
-            T = -(-T // PAD_MULTIPLE) * PAD_MULTIPLE  # builds a plan per new shape, 55-400 ms each
-        ids = torch.full((len(prompts), T), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), T), dtype=torch.bool)
-        for i, (p, c) in enumerate(zip(prompts, completions)):
-            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            mask[i, len(p):len(p) + len(c)] = True
+        ids, real = self._padded([p + c for p, c in zip(prompts, completions)])
+        mask = real & (torch.arange(ids.shape[1]) >= torch.tensor([len(p) for p in prompts])[:, None])
         return (ids.to(self.device), mask.to(self.device)) if move else (ids, mask)
 
     # ------------------------------------------------------------------------- SFT warm start
@@ -345,31 +352,79 @@ class Trainer:
                 out.append((it.title, lacking))
         return out
 
-    def trained_rows(self, b: Batch) -> list[int]:
-        """The rollouts the update trains on (truncated ones masked unless --keep-truncated),
-        longest first so that each micro-batch pads little."""
+    def shares_prompt(self, b: Batch) -> bool:
+        """--share-prompt for this step: on, off, or auto (on when the prompt tokens sharing saves, (G - 1)
+        per group, are at least as many as one completion's: (G - 1) x mean prompt >= mean completion).
+        BENCHMARKS.md, "Shared-prompt update", has the measured ratios behind the rule."""
+        mode, G = self.cfg.share_prompt, self.cfg.num_generations
+        if mode != "auto":
+            return mode == "on"
+        prompt = float(np.mean([len(p) for p in b.prompt_ids]))
+        completion = float(np.mean([len(c) for c in b.completions]))
+        return (G - 1) * prompt >= completion
+
+    def trained_rows(self, b: Batch, share: bool = False) -> list[int]:
+        """The rollouts the update trains on (truncated ones masked unless --keep-truncated), longest
+        first so that each micro-batch pads little; with `share`, a group's rollouts stay together (a
+        micro-batch computes each of its prompts once), longest groups first."""
         G = self.cfg.num_generations
         rows = [r for r in range(len(b.completions)) if b.completions[r]]
         if not self.cfg.keep_truncated:
             rows = [r for r in rows if not b.truncated[r]]
+        if share:
+            longest: dict[int, int] = {}
+            for r in rows:
+                longest[r // G] = max(longest.get(r // G, 0), len(b.completions[r]))
+            return sorted(rows, key=lambda r: (-len(b.prompt_ids[r // G]) - longest[r // G], r // G,
+                                               -len(b.completions[r])))
         return sorted(rows, key=lambda r: len(b.prompt_ids[r // G]) + len(b.completions[r]), reverse=True)
 
-    def micro_batch(self, b: Batch, adv: list[np.ndarray], rows: list[int]) -> dict:
-        """Tensors of the given rollouts: ids and mask [n, T], advantages and sampler log-probs [n, T]."""
+    def micro_batch(self, b: Batch, adv: list[np.ndarray], rows: list[int], share: bool = False) -> dict:
+        """Tensors of the given rollouts, on the device.
+
+        Unshared: ids and mask [n, T] (prompt + completion, mask on the completion), advantages and
+        sampler log-probs [n, T]. Shared: prompts [p, Tp] (each of these rows' prompts once) with
+        prompt_len [p], group [n] (each row's prompt), and ids, mask, advantages, sampler log-probs
+        [n, Tc] over the completions alone. Either way adv/sampler/mask align with what `logprobs`
+        returns. Also the trunk's work for the FLOP count: tokens, and sum of squared attention spans."""
         G = self.cfg.num_generations
-        ids, mask = self._pack([b.prompt_ids[r // G] for r in rows], [b.completions[r] for r in rows], move=False)
+        if share:
+            groups = list(dict.fromkeys(r // G for r in rows))
+            prompts, _ = self._padded([b.prompt_ids[g] for g in groups])
+            plen = [len(b.prompt_ids[g]) for g in groups]
+            ids, mask = self._padded([b.completions[r] for r in rows])
+            out = {"prompts": prompts, "prompt_len": torch.tensor(plen),
+                   "group": torch.tensor([groups.index(r // G) for r in rows])}
+            clen = [len(b.completions[r]) for r in rows]
+            P = [len(b.prompt_ids[r // G]) for r in rows]
+            work = (sum(plen) + sum(clen), sum(n * n for n in plen) + sum(c * c + 2 * c * p for c, p in zip(clen, P)))
+        else:
+            ids, mask = self._pack([b.prompt_ids[r // G] for r in rows], [b.completions[r] for r in rows], move=False)
+            out = {}
+            lengths = [len(b.prompt_ids[r // G]) + len(b.completions[r]) for r in rows]
+            work = (sum(lengths), sum(n * n for n in lengths))
         a = torch.zeros(mask.shape, dtype=torch.float32)
         slp = torch.zeros(mask.shape, dtype=torch.float32)
         for j, r in enumerate(rows):
             a[j, mask[j]] = torch.from_numpy(adv[r])
             slp[j, mask[j]] = torch.tensor(b.sampler_logprobs[r], dtype=torch.float32)
-        return {k: v.to(self.device) for k, v in (("ids", ids), ("mask", mask), ("adv", a), ("sampler", slp))}
+        out.update(ids=ids, mask=mask, adv=a, sampler=slp)
+        return {**{k: v.to(self.device) for k, v in out.items()}, "trunk_tokens": work[0], "seq_sq": work[1]}
+
+    def logprobs(self, model: CausalLM, m: dict, with_entropy: bool = False):
+        """Log-probs (and entropies) of a micro-batch's completion tokens under `model`, aligned with
+        m["mask"], in either layout of `micro_batch`."""
+        kw = dict(temperature=self.cfg.temperature, chunk_size=self.cfg.logprob_chunk, with_entropy=with_entropy)
+        if "prompts" in m:
+            return shared_token_logprobs(model, m["prompts"], m["prompt_len"], m["ids"], m["mask"], m["group"], **kw)
+        return token_logprobs(model, m["ids"], m["mask"], **kw)
 
     def micro_batches(self, b: Batch, adv: list[np.ndarray]) -> tuple[list[int], list[dict], StepNorm]:
         """(trained rows, their micro-batches of --micro-batch-size rollouts, the step's normaliser)."""
         cfg = self.cfg
-        rows = self.trained_rows(b)
-        micro = [self.micro_batch(b, adv, rows[i:i + cfg.micro_batch_size])
+        share = self.shares_prompt(b)
+        rows = self.trained_rows(b, share)
+        micro = [self.micro_batch(b, adv, rows[i:i + cfg.micro_batch_size], share)
                  for i in range(0, len(rows), cfg.micro_batch_size)]
         norm = StepNorm(tokens=int(sum(m["mask"].sum() for m in micro)), seqs=len(rows),
                         max_len=cfg.max_completion_length, micro_batches=len(micro))
@@ -383,9 +438,11 @@ class Trainer:
         stats = {"kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "loss": 0.0, "skipped_updates": 0,
                  "clip_ratio/region_mean": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
                  "sampling/logp_diff_mean": 0.0, "sampling/logp_diff_max": 0.0, "sampling/ratio_off_frac": 0.0,
-                 "update_tokens": sum(lengths), "update_seq_len": sum(lengths) / max(len(lengths), 1),
-                 "update_completion_tokens": sum(len(b.completions[r]) for r in rows),
-                 "update_seq_sq": sum(n * n for n in lengths)}  # the last three: the MFU count (bench)
+                 "update_shared_prompt": int(bool(micro) and "prompts" in micro[0]),
+                 "update_seq_len": sum(lengths) / max(len(lengths), 1),
+                 # the work the trunk does per pass (prompts once per micro-batch when shared), for the MFU count
+                 "update_tokens": sum(m["trunk_tokens"] for m in micro), "update_seq_sq": sum(m["seq_sq"] for m in micro),
+                 "update_completion_tokens": sum(len(b.completions[r]) for r in rows)}
         if not micro:
             return stats
         with torch.no_grad(), self.autocast():
@@ -393,15 +450,13 @@ class Trainer:
                 if cfg.ref_offload:
                     self.ref.to(self.device)
                 for m in micro:
-                    m["ref"] = token_logprobs(self.ref, m["ids"], m["mask"], temperature=cfg.temperature,
-                                              chunk_size=cfg.logprob_chunk)
+                    m["ref"] = self.logprobs(self.ref, m)
                 if cfg.ref_offload:
                     self.ref.to("cpu")
             if cfg.num_iterations > 1:  # the ratio's denominator: the policy before this step's updates
                 self.model.eval()
                 for m in micro:
-                    m["old"] = token_logprobs(self.model, m["ids"], m["mask"], temperature=cfg.temperature,
-                                              chunk_size=cfg.logprob_chunk)
+                    m["old"] = self.logprobs(self.model, m)
         self.model.train()
         loss_type = loss_type_name(cfg.loss_type)
         for it in range(cfg.num_iterations):
@@ -410,8 +465,7 @@ class Trainer:
                                   "entropy_sum", "loss", "diff_sum", "diff_max", "off"), 0.0)
             for m in micro:
                 with self.autocast():
-                    lp, ent = token_logprobs(self.model, m["ids"], m["mask"], temperature=cfg.temperature,
-                                             chunk_size=cfg.logprob_chunk, with_entropy=True)
+                    lp, ent = self.logprobs(self.model, m, with_entropy=True)
                 old = m.get("old", lp.detach())
                 # How far the sampler's log-probs are from the policy's (bf16 copy vs fp32 weights).
                 gap = (old - m["sampler"]) * m["mask"]

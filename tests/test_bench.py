@@ -12,7 +12,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu.json").read_text())
     parts = res["parts"]
-    assert set(parts) == {"graph", "kernels", "sampler", "train", "real"}
+    assert set(parts) == {"graph", "kernels", "sampler", "train", "share", "real"}
     assert not any("error" in p for p in parts.values())
     assert parts["graph"]["identical_rows"] == parts["graph"]["rows"] and parts["graph"]["reference_check"] == "passed"
     assert parts["graph"]["reference"]["float32"]["math"]["tokens"] > 0
@@ -20,6 +20,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert len(sites) == 3 and all(any("scaled_dot_product" in k for k in ks) for ks in sites.values())
     assert parts["kernels"]["logprob_head"]["fp32_logits"]["logp_err_max"] < 1e-4
     assert parts["train"]["sampler_gap"]["trainer_copy"]["tokens"] > 0 and parts["train"]["tis_cap"] == 2.0
+    assert parts["share"]["on_trunk_tokens"] < parts["share"]["off_trunk_tokens"] and parts["share"]["on_shared"] == 1
     assert parts["sampler"]["ratio"] > 0 and parts["sampler"]["floor_ms_per_step"] > 0
     assert parts["train"]["update_tokens"] > 0 and parts["train"]["update_model_tflops"] > 0
     assert "hit@1" in parts["real"]["final"]["overall"]

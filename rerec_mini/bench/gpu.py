@@ -1,6 +1,6 @@
 """The GPU check: every GPU figure of DESIGN §8, in calls that each fit a 10-minute lease.
 
-    python -m rerec_mini.bench gpu --out DIR --parts graph,kernels,train,sampler     # ~5 min on an H200
+    python -m rerec_mini.bench gpu --out DIR --parts graph,kernels,train,share,sampler   # ~6 min on an H200
     python -m rerec_mini.bench gpu --out DIR --parts real --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data data/ml1m
     python -m rerec_mini.bench gpu --out DIR --smoke                                 # every part on CPU, < 2 min
 
@@ -16,6 +16,8 @@ DIR/gpu.json and DIR/gpu.md rewritten after every part so a timed-out call still
             log-prob head with bf16 vs float32 output: time and error
   train     one GRPO step at 1.5B (64 rollouts x 1k tokens, reference on the GPU, checkpointing):
             seconds per phase, model-FLOPs MFU, peak memory, and the sampler/trainer log-prob gap
+  share     the update with each prompt computed once per group vs once per rollout, 1.5B, the
+            paper's shape (G = 5, 20 candidates with attributes, 256 tokens): seconds, memory
   sampler   ours vs transformers `generate` with its static cache, bf16, 64 rows x 512 new tokens, same
             run, ratio (both warmed up at the timed shape); ms per decode step vs the bandwidth floor
   real      (with --gguf) the real SmolLM2-135M through the command lines, all on the GPU: the
@@ -294,6 +296,18 @@ def part_train(smoke: bool, peak_tflops: float) -> dict:
     return train_bench.run("qwen2.5-1.5b", "cuda", steps=2, warmup=1, peak_tflops=peak_tflops, gap=True)
 
 
+def part_share(smoke: bool) -> dict:
+    """The update with each prompt computed once per group vs once per rollout (--share-prompt), at the
+    paper's shape: G = 5, 20 candidates with attributes, 256 completion tokens, 1.5B architecture."""
+    shape = {"num_generations": 5, "batch_size": 8, "max_completion_length": 256, "num_candidates": 20,
+             "show_attributes": "auto", "micro_batch_size": 10}
+    if smoke:
+        shape.update(batch_size=1, max_completion_length=8, micro_batch_size=5, num_candidates=4, beta=0.0)
+        return train_bench.run_share("qwen2.5-1.5b", device="cpu", repeats=1, overrides=shape,
+                                     model_overrides={k: v for k, v in SMOKE_MODEL.items() if k != "vocab_size"})
+    return train_bench.run_share("qwen2.5-1.5b", device="cuda", repeats=3, overrides=shape)
+
+
 # ----------------------------------------------------------------------------- real
 
 
@@ -423,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="run every code path on CPU with reduced sizes")
     p.add_argument("--gguf", help="the SmolLM2-135M-Instruct GGUF file, for the real-model part")
     p.add_argument("--data", help="dataset for the real-model part [the bundled data/synth-movies]")
-    p.add_argument("--parts", default="graph,kernels,train,sampler,real",
-                   help="comma list of graph,kernels,train,sampler,real [all, in that order]")
+    p.add_argument("--parts", default="graph,kernels,train,share,sampler,real",
+                   help="comma list of graph,kernels,train,share,sampler,real [all, in that order]")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each part in its own process, so that a crash costs only that part [on, off with --smoke]")
@@ -435,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runners = {"graph": lambda: part_graph(args.smoke), "kernels": lambda: part_kernels(args.smoke),
-               "train": lambda: part_train(args.smoke, args.peak_tflops), "sampler": lambda: part_sampler(args.smoke),
+               "train": lambda: part_train(args.smoke, args.peak_tflops), "share": lambda: part_share(args.smoke),
+               "sampler": lambda: part_sampler(args.smoke),
                "real": lambda: part_real(args.smoke, args.gguf, args.data, out)}
     parts = [args.one_part] if args.one_part else [n for n in args.parts.split(",") if n]
     unknown = [n for n in parts if n not in runners]

@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import BUNDLED_DATA, resolve_config
@@ -196,6 +197,77 @@ def sampler_gap_of(model: str, data: str, prompt: dict, device: str = "auto") ->
         return sampler_gap(tr)
 
 
+def run_share(model: str = "tiny", data: str | None = None, device: str = "auto", repeats: int = 3,
+              overrides: dict | None = None, model_overrides: dict | None = None) -> dict:
+    """The update of one batch of rollouts with --share-prompt on and off, alternating in one run.
+
+    model: "tiny" (the demo's start, its preset's shapes), "qwen2.5-1.5b" (that architecture with random
+    weights: bench gpu), or anything train.py's --model takes (a checkpoint, alias, .gguf). One real
+    batch is sampled, then every timed update trains on it with random advantages (so no update is
+    skipped, whatever the model answers). Reports median update seconds per mode, the tokens the trunk
+    processes, and the activation memory each mode holds for backward (on CPU: the bytes autograd
+    saves in one micro-batch's forward, the most of any micro-batch; on CUDA: peak allocated)."""
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        preset = "tiny" if model == "tiny" else "qwen2.5-1.5b" if model == "qwen2.5-1.5b" else None
+        path = make_model(preset, Path(tmp), None, model_overrides, dev) if preset else str(resolve_model_dir(model))
+        settings = {"model": "tiny", **(PRESETS[preset] if preset else {}), "device": device, "output_dir": tmp,
+                    "sft_steps": 0, "keep_truncated": True, **(overrides or {})}
+        if data:
+            settings["data"] = data
+        cfg = resolve_config(settings)
+        tr = Trainer(replace(cfg, model=path), load_dataset(cfg.data), path, dev)
+        tr.start_rl()
+        b = tr.rollout()
+        rng = np.random.default_rng(0)
+        adv = [rng.normal(size=len(c)).astype(np.float32) for c in b.completions]
+        saved = {"now": 0, "max": 0}
+
+        def pack(t):
+            saved["now"] += t.numel() * t.element_size()
+            return t
+
+        def logprobs(model_, m, with_entropy=False):  # the activations one micro-batch holds for backward
+            saved["now"] = 0
+            out = Trainer.logprobs(tr, model_, m, with_entropy)
+            saved["max"] = max(saved["max"], saved["now"])
+            return out
+        tr.logprobs = logprobs
+        times: dict[str, list[float]] = {"on": [], "off": []}
+        rows: dict[str, dict] = {}
+        for k in range(2 * (repeats + 1)):  # the first round of each mode is a warm-up
+            mode = ("on", "off")[k % 2]
+            tr.cfg = replace(tr.cfg, share_prompt=mode)
+            saved["max"] = 0
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                row = tr.update(b, adv)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if k >= 2:
+                times[mode].append(time.perf_counter() - t0)
+            rows[mode] = {"trunk_tokens": row["update_tokens"], "completion_tokens": row["update_completion_tokens"],
+                          "activation_bytes": saved["max"], "shared": row["update_shared_prompt"]}
+            if dev.type == "cuda":
+                rows[mode]["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        G = cfg.num_generations
+        med = {m: statistics.median(t) for m, t in times.items()}
+        auto = replace(tr.cfg, share_prompt="auto")
+        tr.cfg = auto
+        return {
+            "model": model, "device": str(dev), "threads": torch.get_num_threads(), "rollouts": len(b.completions),
+            "num_generations": G, "micro_batch_size": cfg.micro_batch_size,
+            "prompt_len_mean": float(np.mean([len(p) for p in b.prompt_ids])),
+            "completion_len_mean": float(np.mean([len(c) for c in b.completions])),
+            "update_s_on": med["on"], "update_s_off": med["off"], "speedup": med["off"] / med["on"],
+            "runs_s": times, **{f"{m}_{k}": v for m, r in rows.items() for k, v in r.items()},
+            "auto_picks": "on" if tr.shares_prompt(b) else "off", "repeats": repeats,
+        }
+
+
 def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
     """Median seconds per tiny-preset SFT step with the head's logits kept and recomputed, the two
     arms alternating so that both see the same mix of batches and the same machine noise."""
@@ -242,8 +314,27 @@ def main(argv: list[str] | None = None) -> int:
                    "--output-dir runs/sft, then --model runs/sft/final (the preset's settings still apply)")
     p.add_argument("--sft-steps", type=int, default=0,
                    help="instead: time this many tiny-preset SFT steps per head path (logits kept / recomputed)")
+    p.add_argument("--share-prompt", action="store_true",
+                   help="instead: time one batch's update with --share-prompt on and off, alternating; --model "
+                        "takes tiny, qwen2.5-1.5b (random weights) or what train.py's --model takes")
+    p.add_argument("--data", help="--share-prompt: the dataset [the bundled one]")
+    p.add_argument("--num-generations", type=int, help="--share-prompt: rollouts per prompt [the preset's]")
+    p.add_argument("--batch-size", type=int, help="--share-prompt: prompts [the preset's]")
+    p.add_argument("--max-completion-length", type=int, help="--share-prompt: completion tokens [the preset's]")
+    p.add_argument("--num-candidates", type=int, help="--share-prompt: candidates per prompt (prompt length)")
+    p.add_argument("--micro-batch-size", type=int, help="--share-prompt: rollouts per micro-batch")
+    p.add_argument("--repeats", type=int, default=3, help="--share-prompt: timed updates per mode [3]")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
+    if args.share_prompt:
+        given = {k: getattr(args, k) for k in ("num_generations", "batch_size", "max_completion_length",
+                                              "num_candidates", "micro_batch_size") if getattr(args, k)}
+        out = run_share(args.model or args.preset, args.data, args.device, args.repeats,
+                        {"show_attributes": "auto", **given})
+        print(json.dumps(out, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return 0
     if args.model and not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: not a checkpoint directory (no config.json there)")
     if args.model and args.layers:
