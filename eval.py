@@ -57,6 +57,7 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--history-len", type=int, help="recent history titles in the prompt" + d("history_len"))
     p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
                    help="the request after the candidate list" + d("request_last"))
+    p.add_argument("--prompt-examples", type=int, help="worked examples shown before the request" + d("prompt_examples"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens per answer" + d("max_completion_length"))
@@ -127,7 +128,8 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
                            ("max_completion_length", s["max_completion_length"] >= 1, ">= 1"),
                            ("batch_size", args.batch_size >= 1, ">= 1"), ("answer_size", s["answer_size"] >= 1, ">= 1"),
                            ("hard_negatives", s["hard_negatives"] >= 0, ">= 0"),
-                           ("history_len", s["history_len"] >= 0, ">= 0")):
+                           ("history_len", s["history_len"] >= 0, ">= 0"),
+                           ("prompt_examples", s["prompt_examples"] >= 0, ">= 0")):
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {values[flag]}: must be {what}")
     return device, model_dir, base, ds
@@ -156,7 +158,7 @@ def evaluate(argv=None) -> int:
     common = dict(scorer=scorer, candidate_sampler=CandidateSampler(ds), num_candidates=s["num_candidates"],
                   hard_negatives=s["hard_negatives"], negatives=s["negatives"], seed=s["seed"])
     prompt = dict(history_len=s["history_len"], show_attributes=show, answer_size=s["answer_size"],
-                  request_last=s["request_last"],
+                  request_last=s["request_last"], prompt_examples=s["prompt_examples"],
                   max_new_tokens=s["max_completion_length"], batch_size=args.batch_size)
     eos = eos_ids(tokenizer, model.cfg.hf, model_dir)
     results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos, **common, **prompt)}

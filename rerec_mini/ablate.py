@@ -1,12 +1,28 @@
-"""Ablations: train each ReRec variant for several seeds, evaluate, tabulate mean ± std.
+"""Ablations and the efficacy study: train variants for several seeds from one start, evaluate, tabulate.
+
+Two uses, one runner:
 
     python -m rerec_mini.ablate --model tiny --seeds 3 --max-steps 60 \\
         --variants full,grpo,no-raae,no-qas,no-pas,no-curriculum --out runs/ablate
 
-Every variant of one seed starts RL from the same SFT checkpoint (trained once per seed),
-so the comparison isolates the RL components. Writes `results.md` (the table), `results.json`,
-`curves.csv` (reward and hit rate per step) and `curves.png` when matplotlib is installed.
-Finished runs are reused, so an interrupted ablation continues where it stopped.
+each ReRec component switched off in turn (mean ± std over seeds); every variant of one seed starts
+RL from the same SFT checkpoint (trained once per seed), so the comparison isolates the RL parts.
+
+    python -m rerec_mini.ablate --model SmolLM2-135M --start runs/sft/final --arms start,sft,rft,grpo,rerec-release,rerec,shuffled \\
+        --seeds 3 --steps 40 --out runs/study --set num_candidates=20 --set show_attributes=auto
+
+does ReRec beat what a user would do instead? Every arm starts from the same model (--start, or the
+base model with --set prompt_examples=K) and takes the same number of optimiser steps on batches of
+the same size (--steps, --set batch_size=B): `sft` more SFT on gold reasoning, `rft` SFT on the
+model's own correct samples, `grpo` the release's NDCG@1 + format reward with no RAAE and no
+curriculum, `rerec-release` ReRec at the release's weights and curriculum, `rerec` ReRec at ours,
+`shuffled` the release's ReRec with rewards permuted across the batch (the control: it must not
+learn), `start` the start itself. The table gives greedy hit@1 and NDCG@10 (overall and per type),
+pass@G and majority@G with --num-samples G, wall time, and paired bootstrap 95% intervals of the
+hit@1 difference against `sft` and against `start` (per query, averaged over seeds, queries resampled).
+
+Writes `results.md`, `results.json` (every figure), `curves.csv` and `curves.png` (with matplotlib).
+Finished runs are reused, so an interrupted ablation or study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -35,6 +51,20 @@ VARIANTS = {
     "no-curriculum": {"curriculum": "none"},
 }
 METRICS = ("hit@1", "ndcg@5", "format_ok", "qas", "pas")
+
+# The study's arms (see the module docstring): Config fields over the common settings; "sft" arms
+# spend the step budget as SFT steps, the others as RL steps ("start" spends none).
+RELEASE = {"reward_weights": "0.1,1,0.01,0.01", "curriculum": "paper"}  # 1.0 NDCG@1 + 0.1 format + 0.01 QAS + 0.01 IAS
+ARMS = {
+    "start": {},
+    "sft": {"sft_source": "gold"},
+    "rft": {"sft_source": "self"},
+    "grpo": {"reward_weights": "0.1,1,0,0", "no_raae": True, "curriculum": "none"},
+    "rerec-release": RELEASE,
+    "rerec": {},
+    "shuffled": {**RELEASE, "shuffle_rewards": True},
+}
+SFT_ARMS = ("sft", "rft")
 
 
 def run_once(cfg) -> dict:
@@ -104,6 +134,155 @@ def curves(out: Path, runs: dict[tuple[str, int], Path]) -> None:
     fig.savefig(out / "curves.png", dpi=120)
 
 
+# ----------------------------------------------------------------------------- the study
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """--set key=value pairs -> Config fields, each value converted to the field's type."""
+    from dataclasses import fields as dc_fields
+    from .config import Config
+    kinds = {f.name: f.type for f in dc_fields(Config)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or key not in kinds:
+            raise UsageError(f"--set {pair!r}: give key=value with a train.py option as key (e.g. batch_size=8)")
+        kind = kinds[key] if not isinstance(kinds[key], str) else {"int": int, "float": float, "str": str,
+                                                                  "bool": bool}[kinds[key]]
+        try:
+            out[key] = value.lower() in ("1", "true", "yes", "on") if kind is bool else kind(value)
+        except ValueError:
+            raise UsageError(f"--set {pair!r}: {key} takes a {kind.__name__}") from None
+    return out
+
+
+def arm_config(arm: str, common: dict, start: str, seed: int, steps: int, out: Path):
+    """The Config of one arm and seed: every arm from `start`, `steps` optimiser steps of its kind."""
+    budget = ({"sft_steps": steps, "max_steps": 0} if arm in SFT_ARMS else
+              {"sft_steps": 0, "max_steps": 0} if arm == "start" else {"sft_steps": 0, "max_steps": steps})
+    batch = common.get("batch_size")
+    same_batch = {"sft_batch_size": batch} if batch and arm in SFT_ARMS else {}
+    return resolve_config({**common, **ARMS[arm], **budget, **same_batch, "model": start, "seed": seed,
+                           "output_dir": str(out / f"{arm}-seed{seed}")})
+
+
+def paired_ci(a: dict[str, float], b: dict[str, float], n_boot: int = 4000, seed: int = 0) -> dict:
+    """Mean of b - a over the queries both have, with a paired bootstrap 95% interval (queries resampled)."""
+    keys = sorted(set(a) & set(b))
+    d = np.array([b[k] - a[k] for k in keys])
+    if not len(d):
+        return {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(1)
+    return {"diff": float(d.mean()), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5)),
+            "n": len(d)}
+
+
+def per_query_hits(runs: list[dict]) -> dict[str, float]:
+    """query id -> hit@1 averaged over the seeds' evaluations (each a run's eval_final.json)."""
+    hits: dict[str, list[float]] = {}
+    for r in runs:
+        for s in r["samples"]:
+            hits.setdefault(s["query_id"], []).append(float(s["hit"]))
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def sampled_figures(cfg, run_dir: Path, num_samples: int) -> dict:
+    """pass@G and majority@G of a run's final model on its held-out queries (eval.py --num-samples)."""
+    import torch
+    from .data import load_dataset
+    from .evaluate import evaluate_samples, stratified_head
+    from .model import load_model, load_tokenizer
+    from .prompts import CandidateSampler, eos_ids
+    from .rewards import RewardConfig, Scorer
+    from .run import pick_device
+    final = run_dir / "final"
+    device = pick_device(cfg.device)
+    model = load_model(final, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    tok = load_tokenizer(final)
+    ds = load_dataset(cfg.data)
+    queries = stratified_head(ds.queries[cfg.eval_split], cfg.eval_limit)
+    greedy = json.loads((run_dir / "eval_final.json").read_text())["samples"]
+    res = evaluate_samples(model, tok, ds, queries, [s["hit"] for s in greedy], scorer=Scorer(ds, RewardConfig(k=cfg.answer_size)),
+                           num_samples=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                           candidate_sampler=CandidateSampler(ds), num_candidates=cfg.num_candidates,
+                           hard_negatives=cfg.hard_negatives, seed=cfg.seed, negatives=cfg.negatives,
+                           history_len=cfg.history_len, show_attributes=tuple(a for a in cfg.show_attributes.split(",") if a),
+                           answer_size=cfg.answer_size, request_last=cfg.request_last,
+                           prompt_examples=cfg.prompt_examples, max_new_tokens=cfg.max_completion_length,
+                           eos_token_id=eos_ids(tok, model.cfg.hf, final), progress=False)
+    return res["overall"]
+
+
+def study_table(summary: dict) -> str:
+    """Markdown of `study`'s summary: one row per arm, then hit@1 per type."""
+    cols = ["hit@1", "ndcg@10", "format_ok"]
+    sampled = any(a.get("sampled") for a in summary["arms"].values())
+    head = ["arm", "seeds", *cols] + (["pass@G", "majority@G"] if sampled else []) + \
+           ["vs sft (95% CI)", "vs start (95% CI)", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ci(c):
+        return "—" if not c else f"{c['diff']:+.3f} ({c['lo']:+.3f}, {c['hi']:+.3f})"
+    for name, a in summary["arms"].items():
+        cells = [name, str(a["seeds"])] + [a[c] for c in cols]
+        if sampled:
+            cells += [a["sampled"].get("pass@G", "—") if a.get("sampled") else "—",
+                      a["sampled"].get("majority@G", "—") if a.get("sampled") else "—"]
+        cells += [ci(a.get("vs_sft")), ci(a.get("vs_start")), f"{a['minutes']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "hit@1 by query type (mean ± std over seeds):", "",
+              "| arm | " + " | ".join(QUERY_TYPES) + " |", "|---|" + "---|" * len(QUERY_TYPES)]
+    for name, a in summary["arms"].items():
+        lines.append(f"| {name} | " + " | ".join(a["by_type"].get(t, "—") for t in QUERY_TYPES) + " |")
+    return "\n".join(lines)
+
+
+def study(args, common: dict, out: Path) -> dict:
+    """Every arm x seed from one start (see the module docstring) -> the summary (also results.json)."""
+    import time
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise UsageError(f"--arms: unknown {','.join(unknown)} (choose from {','.join(ARMS)})")
+    start = args.start or common["model"]
+    results: dict[str, list[dict]] = {a: [] for a in arms}
+    sampled: dict[str, list[dict]] = {a: [] for a in arms}
+    minutes: dict[str, float] = {a: 0.0 for a in arms}
+    run_dirs: dict[tuple[str, int], Path] = {}
+    for seed in range(args.seeds):
+        for arm in arms:
+            cfg = arm_config(arm, common, start, seed, args.steps, out)
+            t0 = time.perf_counter()
+            results[arm].append(run_once(cfg))
+            minutes[arm] += (time.perf_counter() - t0) / 60
+            run_dirs[(arm, seed)] = Path(cfg.output_dir)
+            if args.num_samples:
+                cache = Path(cfg.output_dir) / f"sampled_{args.num_samples}.json"
+                if not cache.exists():
+                    cache.write_text(json.dumps(sampled_figures(cfg, Path(cfg.output_dir), args.num_samples)))
+                sampled[arm].append(json.loads(cache.read_text()))
+            print(f"[{arm} seed {seed}] hit@1 {results[arm][-1]['overall']['hit@1']:.3f}", flush=True)
+    hits = {a: per_query_hits(rs) for a, rs in results.items()}
+    summary = {"start": start, "steps": args.steps, "seeds": args.seeds, "settings": common, "arms": {}}
+    for arm, runs in results.items():
+        row = {"seeds": len(runs), "minutes": minutes[arm] / max(len(runs), 1),
+               **{m: mean_std([r["overall"][m] for r in runs]) for m in ("hit@1", "ndcg@10", "format_ok")},
+               "by_type": {t: mean_std([r["by_type"][t]["hit@1"] for r in runs]) for t in QUERY_TYPES
+                           if all(t in r["by_type"] for r in runs)},
+               "hit@1_per_seed": [r["overall"]["hit@1"] for r in runs]}
+        if sampled[arm]:
+            row["sampled"] = {k: mean_std([s[m] for s in sampled[arm]]) for k, m in
+                              (("pass@G", "pass@G"), ("majority@G", "majority@G")) if m in sampled[arm][0]}
+        for ref in ("sft", "start"):
+            if ref in hits and ref != arm:
+                row[f"vs_{ref}"] = paired_ci(hits[ref], hits[arm])
+        summary["arms"][arm] = row
+    curves(out, {k: v for k, v in run_dirs.items() if k[0] not in SFT_ARMS + ("start",)})
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rerec_mini.ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +294,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-limit", type=int, default=0, help="held-out queries per evaluation (0: all)")
     p.add_argument("--negatives", choices=NEGATIVE_MODES, help=f"how candidate negatives are drawn [{DEFAULT_NEGATIVES}]")
     p.add_argument("--out", default="runs/ablate", help="output directory")
+    p.add_argument("--arms", help=f"the study instead: comma list of {','.join(ARMS)} (see above)")
+    p.add_argument("--start", help="the study's common start (a checkpoint; default: --model itself)")
+    p.add_argument("--steps", type=int, default=40, help="the study's optimiser steps per arm [40]")
+    p.add_argument("--num-samples", type=int, default=0, help="the study: also pass@G and majority@G with G samples")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train.py option for every run, e.g. --set batch_size=8 (repeatable)")
     args = p.parse_args(argv)
+    if args.arms:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            common = {"model": args.model, "data": args.data, "eval_limit": args.eval_limit, **parse_sets(args.set)}
+            if args.negatives:
+                common["negatives"] = args.negatives
+            summary = study(args, common, out)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except TrainingStopped as e:
+            print(f"stopped: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
+            return 128 + e.signum if e.signum else 1
+        md = study_table(summary)
+        (out / "results.md").write_text(md + "\n")
+        (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(md)
+        return 0
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:

@@ -87,6 +87,7 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--history-len", type=int, help="recent history titles in the prompt" + d("history_len"))
     p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
                    help="the request after the candidate list" + d("request_last"))
+    p.add_argument("--prompt-examples", type=int, help="worked examples shown before the request" + d("prompt_examples"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens in the answer" + d("max_completion_length"))
@@ -215,7 +216,7 @@ class Assistant:
         cands = self.sampler.sample(q, s["num_candidates"], s["hard_negatives"], s["seed"], s["negatives"])
         return cands, render_prompt(q, self.ds, cands, self.tokenizer, history_len=s["history_len"],
                                     show_attributes=self.show, answer_size=s["answer_size"],
-                                    request_last=s["request_last"])
+                                    request_last=s["request_last"], examples=s["prompt_examples"])
 
     @torch.no_grad()
     def ask(self, q: Query, known: bool, show_prompt: bool = False) -> dict:
@@ -290,7 +291,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
     for flag, ok in (("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
                      ("max_completion_length", s["max_completion_length"] >= 1),
                      ("hard_negatives", s["hard_negatives"] >= 0), ("history_len", s["history_len"] >= 0),
-                     ("answer_size", s["answer_size"] >= 1)):
+                     ("answer_size", s["answer_size"] >= 1), ("prompt_examples", s["prompt_examples"] >= 0)):
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {s[flag]!r}: out of range (see --help)")
     device = pick_device(args.device)

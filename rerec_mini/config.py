@@ -100,10 +100,16 @@ class Config:
     history_len: int = _opt(0, "recent history titles shown in the prompt")
     show_attributes: str = _opt("", "candidate attributes shown in the prompt, e.g. genre,director; "
                                     "'auto': those the request names")
+    prompt_examples: int = _opt(0, "prompt: this many worked examples (training queries with their gold reasoning) "
+                                   "as earlier chat turns, the same for every prompt: the format shown, not taught "
+                                   "(how the authors' release starts RL with no SFT)")
     request_last: bool = _opt(False, "prompt: the candidate list first, then the request next to the answer (a model "
                                      "from scratch learns to copy the request's values from there much sooner)")
     # SFT warm start
     sft_steps: int = _opt(0, "SFT steps on gold reasoning before RL (needed by from-scratch models)")
+    sft_source: str = _opt("gold", "SFT targets: the gold reasoning, or self: the model's own correct answers "
+                                   "(rejection-sampling fine-tuning: --num-generations samples per query at "
+                                   "--temperature, the distinct ones that hit and end kept)", choices=("gold", "self"))
     sft_learning_rate: float = _opt(1e-5, "AdamW learning rate of the SFT warm start")
     sft_lr_decay: bool = _opt(False, "SFT: after the warmup, decay the learning rate (cosine) to 0 at --sft-steps")
     sft_batch_size: int = _opt(16, "queries per SFT step")
@@ -176,7 +182,7 @@ HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps",
 # model, trained on 8 candidates with the request last, would otherwise be handed 20 candidates with
 # the request first and no attributes, and start RL by relearning its format.
 PROMPT_FORMAT = ("num_candidates", "hard_negatives", "negatives", "show_attributes", "history_len", "answer_size",
-                 "request_last", "max_completion_length")
+                 "request_last", "prompt_examples", "max_completion_length")
 
 
 def resolve_config(user: dict, saved: dict | None = None, start: dict | None = None) -> Config:
@@ -244,6 +250,9 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.hard_negatives >= 0, "hard_negatives", "must be >= 0")
     need(cfg.answer_size >= 1, "answer_size", "must be >= 1")
     need(cfg.history_len >= 0, "history_len", "must be >= 0")
+    need(cfg.prompt_examples >= 0, "prompt_examples", "must be >= 0")
+    need(cfg.prompt_examples == 0 or cfg.answer_size == 1, "prompt_examples",
+         "needs --answer-size 1 (the examples' gold answers name one title)")
     need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
     need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")

@@ -110,11 +110,12 @@ def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_
 
 
 def encode_prompts(tokenizer, ds: Dataset, queries: Sequence[Query], candidates, *, history_len: int = 0,
-                   show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False
-                   ) -> list[list[int]]:
+                   show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
+                   prompt_examples: int = 0) -> list[list[int]]:
     """[N] prompt token ids, one per query with its candidate set, in the trainer's prompt format."""
     texts = (render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
-                           answer_size=answer_size, request_last=request_last) for q, c in zip(queries, candidates))
+                           answer_size=answer_size, request_last=request_last, examples=prompt_examples)
+             for q, c in zip(queries, candidates))
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -146,8 +147,7 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                    max_new_tokens: int = 512,
-                    eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
+                    prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
                     progress: bool = True, pool=None) -> dict:
     """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
 
@@ -156,7 +156,8 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     and reward terms (`sample_records`). pool: the sampler's DecoderPool (CUDA graphs reused)."""
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
-                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
+                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
+                             prompt_examples=prompt_examples)
     texts, lens = decode(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, seed=seed, batch_size=batch_size, progress=progress, pool=pool)
     scored = scorer.score(list(queries), texts, candidates)
@@ -221,7 +222,7 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
                      candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                      hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                      show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                     max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
+                     prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
     """`num_samples` answers per query at `temperature` / `top_p`, on the candidate sets `evaluate_policy`
     drew with the same arguments (the sampler seeds each query's draw by seed and query id);
     greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the sampling settings.
@@ -229,7 +230,8 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
     exactly for the same batch size and device."""
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
-                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
+                             show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
+                             prompt_examples=prompt_examples)
     G = num_samples
     # seed + 1: not the stream of a greedy call with the same seed (which draws nothing, but might one day).
     texts, _ = decode(model, tokenizer, prompts, num_samples=G, temperature=temperature, top_p=top_p,

@@ -292,7 +292,8 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
     sc = tr.scorer.config
     settings = {k: getattr(cfg, k) for k in (
         "num_generations", "temperature", "top_p", "max_completion_length", "num_candidates", "negatives",
-        "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "seed", "no_raae",
+        "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "prompt_examples", "seed",
+        "no_raae",
         "raae_penalty", "raae_floor", "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon",
         "epsilon_high", "tis_cap", "keep_truncated", "curriculum", "tau", "difficulty_metric")}
     settings["step"] = tr.step_no
@@ -569,7 +570,7 @@ def render_html(ex: Explanation) -> str:
 # The Config fields explain takes as flags (train.py's names): what shapes one step of one query.
 FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completion_length", "temperature", "top_p",
          "num_candidates", "negatives", "hard_negatives", "show_attributes", "history_len", "answer_size",
-         "request_last", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
+         "request_last", "prompt_examples", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
          "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap",
          "keep_truncated", "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden",
          "tiny_heads", "tiny_kv_heads", "tiny_vocab", "tiny_units", "tiny_kind_init")

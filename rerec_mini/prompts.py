@@ -201,8 +201,8 @@ def shown_relations(query: Query, show_attributes: Sequence[str]) -> tuple[str, 
 
 def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | None, *, history_len: int = 0,
                    show_attributes: tuple[str, ...] = (), answer_size: int = 1,
-                   request_last: bool = False) -> list[dict[str, str]]:
-    """[system, user] chat messages for one query (rendered by `render_prompt`).
+                   request_last: bool = False, examples: int = 0) -> list[dict[str, str]]:
+    """[system, (user, assistant) x examples, user] chat messages for one query (see `render_prompt`).
 
     The user message: the request; the last `history_len` titles of `query.history`; the
     candidates one per line (none in open generation); the answer instruction. Short on
@@ -211,7 +211,17 @@ def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | N
     answer begins by restating what the request asks for; a model trained from scratch learns to
     copy those values much sooner when they are the nearest of their kind, not 200 tokens back
     behind eight candidate lines full of other genres and names (BENCHMARKS.md, offline demo).
+    examples: that many worked examples first (`example_turns`), the format shown rather than taught.
     """
+    shots = example_turns(query, dataset, examples, len(candidates) if candidates is not None else 0,
+                          history_len=history_len, show_attributes=show_attributes, request_last=request_last)
+    return [{"role": "system", "content": SYSTEM}, *shots, _request(query, dataset, candidates, history_len,
+                                                                     show_attributes, answer_size, request_last)]
+
+
+def _request(query: Query, dataset: Dataset, candidates, history_len, show_attributes, answer_size,
+             request_last) -> dict[str, str]:
+    """The user message of `build_messages`."""
     items = dataset.items
     lines = [f"Request: {query.text}"]
     recent = query.history[-history_len:] if history_len > 0 else []
@@ -222,14 +232,51 @@ def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | N
         listed = ["Candidates:"] + [candidate_line(items[i], relations) for i in candidates]
         lines = listed + lines if request_last else lines + listed
     lines.append(answer_instruction(answer_size))
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    return {"role": "user", "content": "\n".join(lines)}
+
+
+# Seed of the worked examples' candidate sets: fixed, so every prompt of every run shows the same ones.
+EXAMPLE_SEED = 12345
+_EXAMPLE_POOLS: dict[tuple[int, int], tuple[Dataset, list[tuple[Query, list[str] | None]]]] = {}
+
+
+def example_pool(dataset: Dataset, num_candidates: int, size: int) -> list[tuple[Query, list[str] | None]]:
+    """The first `size` worked examples of a dataset: training queries taken one type at a time
+    (explicit, implicit, misinformed, interest, demographic, then the second of each...), each with
+    a fixed candidate set of `num_candidates` (0: open generation). Built once per dataset."""
+    key = (id(dataset), num_candidates)
+    if key not in _EXAMPLE_POOLS or len(_EXAMPLE_POOLS[key][1]) < size:
+        from .data import QUERY_TYPES
+        by_type = [[q for q in dataset.queries.get("train", []) if q.type == t] for t in QUERY_TYPES]
+        order = [qs[i] for i in range(max(map(len, by_type), default=0)) for qs in by_type if i < len(qs)][:size]
+        sampler = CandidateSampler(dataset) if num_candidates else None
+        pool = [(q, sampler.sample(q, num_candidates, 0, EXAMPLE_SEED) if sampler else None) for q in order]
+        _EXAMPLE_POOLS[key] = (dataset, pool)  # holding the dataset keeps its id from being reused
+    return _EXAMPLE_POOLS[key][1][:size]
+
+
+def example_turns(query: Query, dataset: Dataset, k: int, num_candidates: int, *, history_len: int = 0,
+                  show_attributes: tuple[str, ...] = (), request_last: bool = False) -> list[dict[str, str]]:
+    """K worked examples as earlier chat turns: a training query's request in the prompt's own format,
+    then its gold reasoning and box as the assistant's answer (`render_sft_target`). The same K
+    examples for every prompt (a query is never its own example: the next one takes its place).
+    This is how the authors' release starts RL without SFT: the answer format comes from the prompt."""
+    if k <= 0:
+        return []
+    picks = [(q, c) for q, c in example_pool(dataset, num_candidates, k + 1) if q.query_id != query.query_id][:k]
+    turns = []
+    for q, cands in picks:
+        turns.append(_request(q, dataset, cands, history_len, show_attributes, 1, request_last))
+        turns.append({"role": "assistant", "content": render_sft_target(q, dataset)})
+    return turns
 
 
 def render_prompt(query: Query, dataset: Dataset, candidates: Sequence[str] | None, tokenizer, *, history_len: int = 0,
-                  show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False) -> str:
+                  show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
+                  examples: int = 0) -> str:
     """The prompt text through the tokenizer's chat template, ending where the assistant starts."""
-    messages = build_messages(query, dataset, candidates, history_len=history_len,
-                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last)
+    messages = build_messages(query, dataset, candidates, history_len=history_len, show_attributes=show_attributes,
+                              answer_size=answer_size, request_last=request_last, examples=examples)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

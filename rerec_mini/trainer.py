@@ -187,7 +187,7 @@ class Trainer:
     def prompt_ids(self, q: Query, candidates) -> list[int]:
         text = render_prompt(q, self.ds, candidates, self.tokenizer, history_len=self.cfg.history_len,
                              show_attributes=self.show, answer_size=self.cfg.answer_size,
-                             request_last=self.cfg.request_last)
+                             request_last=self.cfg.request_last, examples=self.cfg.prompt_examples)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,8 +228,9 @@ class Trainer:
                              exclude=exclude)
 
     def sft_step(self) -> dict:
-        """One teacher-forced step on gold reasoning (+ optionally an LM loss on the prompt, and on
-        --sft-facts passages of catalogue facts)."""
+        """One teacher-forced step on gold reasoning, or with --sft-source self on the model's own
+        correct answers (+ optionally an LM loss on the prompt, and on --sft-facts passages of
+        catalogue facts)."""
         cfg, s = self.cfg, self.sft_step_no
         # Epoch e visits the queries in a seeded order, each with freshly drawn candidates (a new
         # candidate seed per epoch: the model must read the list, not memorise it).
@@ -237,15 +238,21 @@ class Trainer:
         per_epoch = max(1, len(pool) // cfg.sft_batch_size)
         epoch, k = divmod(s, per_epoch)
         order = random.Random(f"{cfg.seed}:sft:{epoch}").sample(range(len(pool)), len(pool))
-        rows = []
-        for i in order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]:
-            q = pool[i]
-            cands = self.candidates.sample(q, self.sft_candidates(s), cfg.hard_negatives,
-                                           seed=cfg.seed + 1000 * (epoch + 1), negatives=cfg.negatives)
+        batch = [(pool[i], self.candidates.sample(pool[i], self.sft_candidates(s), cfg.hard_negatives,
+                                                  seed=cfg.seed + 1000 * (epoch + 1), negatives=cfg.negatives))
+                 for i in order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]]
+        extra = {}
+        if cfg.sft_source == "self":
+            rows, extra = self.own_correct_answers(batch)
+        else:
             # The target ends with the token the chat template closes an assistant turn with
             # (<|im_end|>, Llama-3's <|eot_id|>): what the model must emit to stop.
-            target = self.tokenizer.encode(render_sft_target(q, self.ds), add_special_tokens=False) + [self.turn_end]
-            rows.append((self.prompt_ids(q, cands), target))
+            rows = [(self.prompt_ids(q, c), self.tokenizer.encode(render_sft_target(q, self.ds), add_special_tokens=False)
+                     + [self.turn_end]) for q, c in batch]
+        if not rows and not cfg.sft_facts:  # --sft-source self and not one right answer: nothing to learn from
+            self.sft_step_no += 1
+            return {"phase": "sft", "sft_step": self.sft_step_no, "loss": float("nan"), "grad_norm": 0.0,
+                    "learning_rate": self.sft_lr_at(s), **extra}
         # Fact passages (a model from scratch knows no film): the whole passage is the target.
         rng = random.Random(f"{cfg.seed}:facts:{s}")
         items = list(self.ds.items.values())
@@ -267,7 +274,7 @@ class Trainer:
         with self.autocast():
             lp = token_logprobs(self.model, ids, mask | prompt if cfg.sft_prompt_weight else mask,
                                 chunk_size=cfg.logprob_chunk)
-        loss = -(lp * gold).sum() / gold.sum()
+        loss = -(lp * gold).sum() / gold.sum().clamp(min=1)
         if cfg.sft_facts:
             loss = loss - (lp * fact).sum() / fact.sum().clamp(min=1)
         if cfg.sft_prompt_weight:
@@ -284,8 +291,31 @@ class Trainer:
                 raise TrainingStopped("the SFT loss was NaN/inf in 3 steps in a row; stopping "
                                       "(try a lower --sft-learning-rate)")
         self.sft_step_no += 1
+        if cfg.sft_source == "self":
+            self.sync_rollout_model()  # the next step samples from these weights
         return {"phase": "sft", "sft_step": self.sft_step_no, "loss": loss.item(), "grad_norm": gn.item(),
-                "learning_rate": self.optimizer.param_groups[0]["lr"]}
+                "learning_rate": self.optimizer.param_groups[0]["lr"], **extra}
+
+    def own_correct_answers(self, batch: list[tuple[Query, list[str] | None]]) -> tuple[list, dict]:
+        """Rejection sampling (RFT, --sft-source self): --num-generations samples per query from the
+        current model at --temperature; the distinct ones that name a ground-truth item and end by
+        themselves become SFT targets. -> ([(prompt ids, completion ids)], stats to log)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        prompts = [self.prompt_ids(q, c) for q, c in batch]
+        self.rollout_model.eval()
+        with self.autocast():
+            ro = generate(self.rollout_model, prompts, max_new_tokens=cfg.max_completion_length, num_samples=G,
+                          temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=self.eos,
+                          seed=cfg.seed * 7919 + self.sft_step_no, pool=self.decoders)
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in ro.completions]
+        r = self.scorer.score([q for q, _ in batch for _ in range(G)], texts, [c for _, c in batch for _ in range(G)])
+        rows, seen = [], set()
+        for k, comp in enumerate(ro.completions):
+            if r.hit[k] and not ro.truncated[k] and (k // G, tuple(comp)) not in seen:
+                seen.add((k // G, tuple(comp)))
+                rows.append((prompts[k // G], comp))
+        return rows, {"sft/self_hit_rate": float(np.mean(r.hit)), "sft/self_targets": len(rows),
+                      "sft/self_queries_with_target": len({q for q, _ in seen})}
 
     # ------------------------------------------------------------------------- one RL step
 
@@ -554,14 +584,16 @@ class Trainer:
         settings = dict(data=cfg.data, split=cfg.eval_split, count=len(queries), num_candidates=cfg.num_candidates,
                         negatives=cfg.negatives, hard_negatives=cfg.hard_negatives, seed=cfg.seed,
                         history_len=cfg.history_len, show_attributes=cfg.show_attributes, answer_size=cfg.answer_size,
-                        request_last=cfg.request_last, max_completion_length=cfg.max_completion_length,
+                        request_last=cfg.request_last, prompt_examples=cfg.prompt_examples,
+                        max_completion_length=cfg.max_completion_length,
                         step=self.step_no, phase=self.phase)
         with self.autocast():
             result = evaluate_policy(
                 self.rollout_model, self.tokenizer, self.ds, queries, scorer=self.scorer, candidate_sampler=self.candidates,
                 num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
                 seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
-                request_last=cfg.request_last, max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
+                request_last=cfg.request_last, prompt_examples=cfg.prompt_examples,
+                max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
                 pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
         return {**result, "settings": settings}
 
