@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rerec_mini.cli import ArgumentParser
 from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
 from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, evaluate_samples,
                                  markdown_table, prompt_settings, read_texts, retention, sampled_table, stratified_head)
@@ -42,7 +43,7 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     def d(key):
         v = known[key]
         return f" [{src}: {v!r}]" if train_cfg else f" [{src}, else {v!r}]"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf file, hub id, alias or 'tiny'")
     p.add_argument("--data", help="dataset directory" + d("data"))
     p.add_argument("--split", default="test", help="query split to evaluate [test]")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import ArgumentParser
 from .config import BUNDLED_DATA, UsageError, resolve_config
 from .data import QUERY_TYPES
 from .prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES
@@ -105,8 +106,8 @@ def curves(out: Path, runs: dict[tuple[str, int], Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.ablate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(BUNDLED_DATA), help="dataset directory")
     p.add_argument("--model", default="tiny", help="model to fine-tune ('tiny': the offline preset)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import ArgumentParser
 from .config import BUNDLED_DATA, UsageError
 from .data import Dataset, Query
 from .evaluate import PROMPT_DEFAULTS, prompt_settings
@@ -70,8 +71,8 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
 
     def d(key):
         return f" [the checkpoint's: {known[key]!r}]" if train_cfg else f" [a checkpoint's, else {known[key]!r}]"
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.ask", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.ask", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("request", nargs="?", help="the request; without one (and without --query), one request per "
                                               "line is read from stdin until end of input")
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf file, hub id, alias or 'tiny'")

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from . import raae
+from .cli import ArgumentParser
 from .config import TINY_PRESET, Config, UsageError, negatable, resolve_config, validate
 from .curriculum import BucketCurriculum, make_curriculum
 from .data import Dataset, Query
@@ -576,9 +577,9 @@ FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completi
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.explain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = ArgumentParser(prog="python -m rerec_mini.explain", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf, hub id, alias or 'tiny' (random init)")
     p.add_argument("--query", metavar="QUERY_ID", help="a dataset query [the first training query]")
     p.add_argument("--text", metavar="REQUEST", help="a free request (see above for its ground truth)")

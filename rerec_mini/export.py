@@ -14,7 +14,6 @@ q8_0 2-4e-2 (tested < 6e-2) on random 2-layer Qwen2/Llama models and 3.1-4.1e-2 
 argmax then agrees on 97% of positions; the weights' own q8_0 error is 0.5% RMS).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import ArgumentParser
 from .gguf_io import ROPE_FREQS, import_gguf, permute_qk, tensor_names
 from .model import QWEN2_SPLIT, CausalLM, ModelConfig, load_model, load_tokenizer, rope_inv_freq
 
@@ -167,7 +167,7 @@ def write_gguf(model: CausalLM, tok, out_path, kind: str = "f16", name: str = "r
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m rerec_mini.export",
         description="Write a rerec-mini checkpoint (any HF directory of a Qwen2/Llama model: config.json, "
                     "*.safetensors, tokenizer files) as one GGUF file that llama.cpp and ollama run, e.g. "

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import ArgumentParser
+
 # (file stem, title, metrics drawn in it) -- names as Trainer.step logs them
 CURVES = [
     ("reward", "reward and its terms", ["reward", "rewards/rec/mean", "rewards/qas/mean", "rewards/pas/mean",
@@ -134,8 +136,8 @@ def write_report(run: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run's output directory")
     args = p.parse_args(argv)
     try:

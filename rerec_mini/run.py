@@ -90,7 +90,7 @@ def training_state(model) -> dict:
 def checkpoint_config(argv) -> dict:
     """The training config of the checkpoint that argv's --model names ({} for a base model): a command
     line reads it before building its parser, so its defaults (and --help) are the checkpoint's."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--model")
     return training_state(pre.parse_known_args(argv)[0].model).get("config", {})
 
