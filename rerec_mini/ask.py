@@ -10,7 +10,8 @@ decoding with our sampler runs up to the end-of-turn ids of `eos_ids`. The answe
 is read back with `parse_answer` and matched to the catalogue (candidates first), as the scorer does.
 
 Settings come from the flag, else the checkpoint's training config (trainer_state/state.json, as in
-eval.py), else eval.py's defaults; `--help` after `--model CKPT` shows the values that will be used.
+eval.py; a .gguf written by rerec_mini.export carries it too), else eval.py's defaults; `--help` after
+`--model CKPT` shows the values that will be used.
 
 A dataset query (`--query ID`) is asked with its own candidates, conditions and ground truth: the
 output says whether the answer is a ground-truth item and which of the conditions it has.
@@ -48,7 +49,7 @@ from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
 from .prompts import (NEGATIVE_MODES, CandidateSampler, eos_ids, fmt_attributes, match_answer,
                       parse_answer, render_prompt)
-from .run import checkpoint_config, open_dataset, pick_device
+from .run import assumed_settings, checkpoint_config, open_dataset, pick_device
 from .sampling import generate
 from .titles import TitleIndex
 
@@ -301,7 +302,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
         raise UsageError(f"--model {args.model}: " + " ".join(str(e).split())) from None
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {args.model}: {model_dir} is not a model directory (no config.json)")
-    ds = open_dataset(s["data"])
+    ds = open_dataset(s["data"], trained_by=args.model if args.data is None and train_cfg.get("data") else None)
     if args.user is not None and not ds.history(args.user) and args.user not in ds.users:
         raise UsageError(f"--user {args.user}: no such user in {s['data']}")
     if args.query and not any(q.query_id == args.query for q in ds.all_queries()):
@@ -318,6 +319,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = assumed_settings(args.model, train_cfg, {k: v for k, v in s.items() if getattr(args, k) is None})
+    if warning:
+        print(warning, file=sys.stderr)
     bot = Assistant(model_dir, ds, s, device)
     if args.query:
         q = next(q for q in ds.all_queries() if q.query_id == args.query)

@@ -71,8 +71,12 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def open_dataset(path) -> Dataset:
-    """--data PATH loaded and validated, or a UsageError naming the flag (and the file:line: field)."""
+def open_dataset(path, trained_by: str | None = None) -> Dataset:
+    """--data PATH loaded and validated, or a UsageError naming the flag (and the file:line: field).
+    trained_by: the model whose training config named PATH (no --data given)."""
+    if not Path(path).is_dir() and trained_by:
+        raise UsageError(f"--data: {trained_by} was trained on {Path(path).name} ({path}), which is not on this "
+                         "machine; pass --data DIR")
     if not Path(path).is_dir():
         raise UsageError(f"--data {path}: no such directory (format: data/README.md)")
     try:
@@ -82,9 +86,27 @@ def open_dataset(path) -> Dataset:
 
 
 def training_state(model) -> dict:
-    """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else)."""
+    """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else); for
+    a .gguf file that export.py wrote from a checkpoint, {"config": the training config it carries}."""
+    if model and str(model).endswith(".gguf") and Path(model).is_file():
+        from .gguf_io import run_config
+        try:
+            config = run_config(model)
+        except (ValueError, OSError):
+            return {}  # not a readable GGUF: loading the model says so, in its own words
+        return {"config": config} if config else {}
     path = Path(model) / "trainer_state" / "state.json" if model else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def assumed_settings(model, train_cfg: dict, assumed: dict) -> str | None:
+    """A warning for a .gguf that carries no training config (not exported from one of our checkpoints)
+    used without --data: one line naming the settings assumed for it (`assumed`: those no flag gave)."""
+    if not str(model).endswith(".gguf") or train_cfg or "data" not in assumed:
+        return None
+    return (f"warning: {Path(model).name} carries no rerec-mini run settings (export.py writes them from a training "
+            "checkpoint); assuming " + ", ".join(f"{k}={v!r}" for k, v in assumed.items())
+            + "; pass --data and the prompt flags it was trained with")
 
 
 def checkpoint_config(argv) -> dict:

@@ -47,6 +47,7 @@ ABBREVIATED = [
     ("rerec_mini.bench.scorer", ["--rollout", "8"], "--rollout", "--rollouts"),
     ("rerec_mini.bench.train", ["--step", "1"], "--step", "--steps"),
     ("rerec_mini.bench.gpu", ["--ou", "x", "--smoke"], "--ou", "--out"),
+    ("rerec_mini.gguf_io", ["--clea"], "--clea", "--clear"),
 ]
 
 
@@ -77,7 +78,7 @@ def test_every_command_line_builds_its_parser_without_prefix_matching():
                     plain.append(f"{f.relative_to(REPO)}:{node.lineno}")
     assert plain == [], f"use rerec_mini.cli.ArgumentParser: {plain}"
     mains = [f for f in files if "ArgumentParser(" in f.read_text(encoding="utf-8") and f.name != "cli.py"]
-    assert len(mains) >= 12  # every command line above, and run.py's pre-parser of --model
+    assert len(mains) >= 13  # every command line above, and run.py's pre-parser of --model
 
 
 @pytest.mark.parametrize("value", ["-1e-4", "-2.5E+3", "-.5", "-4", "-inf", "-1.", "-3e2"])
