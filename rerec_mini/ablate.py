@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(BUNDLED_DATA), help="dataset directory")
     p.add_argument("--model", default="tiny", help="model to fine-tune ('tiny': the offline preset)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant")
+    p.add_argument("--sft-steps", type=int, help="SFT steps of each seed's shared start [the preset's]")
     p.add_argument("--max-steps", type=int, help="RL steps per run [the preset's]")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--eval-limit", type=int, default=0, help="held-out queries per evaluation (0: all)")
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     user = {"model": args.model, "data": args.data, "eval_limit": args.eval_limit}
     if args.negatives:
         user["negatives"] = args.negatives
+    if args.sft_steps is not None:
+        user["sft_steps"] = args.sft_steps
     if args.max_steps is not None:
         user["max_steps"] = args.max_steps
     base = resolve_config(user)
