@@ -61,6 +61,12 @@ DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
 # "a sting in the tail". Closed vocabularies (genres, decades, years, countries, languages) match in any case.
 OPEN_VOCABULARY = 200
 _WORD = re.compile(r"[^\W_](?:[\w'&.\-]*[^\W_])?")  # words, keeping "Children's", "Sci-Fi", "J.J"
+# How a request inflects a closed value's last word, undone: (ending, replacement), tried in order.
+# Plurals (Comedies -> Comedy, Westerns -> Western) and the adjectives of genre nouns (romantic ->
+# romance, comedic -> comedy, dramatic -> drama, animated -> animation, historical -> history). A
+# rewrite counts only if the result is a catalogue value, so "fantastic" (-> "fantasce") names nothing.
+INFLECTIONS = (("ies", "y"), ("es", ""), ("s", ""), ("atic", "a"), ("ated", "ation"), ("dic", "dy"),
+               ("tic", "ce"), ("ical", "y"))
 
 
 # ----------------------------------------------------------------------------- settings
@@ -138,9 +144,13 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
     """The (relation, value) pairs of the catalogue that the request names, in request order.
 
     The request's word n-grams are looked up longest first, without overlaps ("Tom Hanks" wins over a
-    value "Tom"); a plural "s" is forgiven ("Westerns"). A value found under several relations
+    value "Tom"); a plural "s" is forgiven ("Westerns"), and for closed vocabularies (genres, ...) the
+    INFLECTIONS of a last word too ("Comedies", "romantic"). A value found under several relations
     (a director who also writes) takes the relation the request hints at (the relation's first four
     letters in the request: "directed" -> director), else the one most items have it under.
+
+    >>> named_conditions("Comedies directed by Woody Allen", vocab)   # doctest: +SKIP
+    [('genre', 'Comedy'), ('director', 'Woody Allen')]
     """
     words = _WORD.findall(request)
     lower_text = request.lower()
@@ -151,11 +161,11 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
             if any(taken[i:i + n]):
                 continue
             gram = " ".join(words[i:i + n])
-            hits = Counter()
-            for key in (gram, gram[:-1] if gram.endswith("s") and len(gram) > 3 else None):
-                if key:
-                    hits.update(vocab.open.get(key, Counter()))
-                    hits.update(vocab.closed.get(key.lower(), Counter()))
+            hits = Counter(vocab.open.get(gram, Counter())) + vocab.closed.get(gram.lower(), Counter())
+            if not hits and gram.endswith("s") and len(gram) > 3:  # a plural name ("the Coens")
+                hits = Counter(vocab.open.get(gram[:-1], Counter()))
+            for key in ([] if hits else base_forms(gram.lower())):
+                hits = Counter(vocab.closed.get(key, Counter()))
                 if hits:
                     break
             if not hits:
@@ -165,6 +175,17 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
             found.append((i, best))
             taken[i:i + n] = [True] * n
     return list(dict.fromkeys(rv for _, rv in sorted(found)))
+
+
+def base_forms(gram: str) -> list[str]:
+    """`gram` with its last word's inflection undone, each way INFLECTIONS allows (longest word first).
+
+    >>> base_forms("comedies")
+    ['comedy', 'comedi', 'comedie']
+    """
+    head, _, last = gram.rpartition(" ")
+    return [(head + " " if head else "") + last[:-len(end)] + base
+            for end, base in INFLECTIONS if last.endswith(end) and len(last) > len(end) + 2]
 
 
 def best_matches(ds: Dataset, conditions: list[tuple[str, str]]) -> tuple[list[str], int]:
