@@ -1,5 +1,5 @@
-"""The argument parser every command line of rerec-mini uses: strict flags, numbers that may be
-negative, and a usage error in one line.
+"""What every command line of rerec-mini shares: the argument parser (strict flags, numbers that may be
+negative, a usage error in one line) and progress bars that stay readable in a log file.
 
 argparse, as shipped, takes `--max-step 5` for `--max-steps 5` (prefix matching), reads `-1e-4` as
 an unknown option (so `--learning-rate -1e-4` fails with "expected one argument" instead of
@@ -10,6 +10,9 @@ here turns prefix matching off, reads every number (-1e-4, -inf too) as a value,
     error: argument --max-step: unknown flag; did you mean --max-steps? (python train.py --help lists the flags)
 
 Every command line of the package builds its parser from this class (tests/test_cli.py checks).
+
+`progress(...)` is tqdm on a terminal; in a log file (CI, nohup, a pipe), where each redraw is a
+line of its own, it writes one line every LOG_INTERVAL seconds instead of thousands.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 # What a value that starts with "-" may look like: -4, -.5, -1e-4, -2.5E+3, -inf (argparse's own
 # pattern stops at -4 and -.5, so -1e-4 would be taken for a flag).
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+LOG_INTERVAL = 30.0  # seconds between a progress bar's lines when stderr is not a terminal
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -61,3 +65,11 @@ class ArgumentParser(argparse.ArgumentParser):
             message = f"argument {flag}: unknown flag" + (f"; did you mean {near[0]}?" if near else "")
         self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
+
+def progress(**kwargs):
+    """A tqdm bar: redrawn as usual on a terminal, one line per LOG_INTERVAL seconds elsewhere (a redraw
+    is a line in a log file: a 2,000-step SFT wrote thousands). Set a postfix with refresh=False, or it
+    redraws on every call whatever the interval."""
+    from tqdm.auto import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(mininterval=0.1 if tty else LOG_INTERVAL, dynamic_ncols=tty, **kwargs)

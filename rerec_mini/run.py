@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .cli import progress
 from .config import HARMLESS, PROMPT_FORMAT, Config, UsageError, differences, resolve_config, validate
 from .grpo import loss_type_name
 from .data import QUERY_TYPES, DataError, Dataset, load_dataset
@@ -610,7 +611,7 @@ class Run:
         try:
             if tr.phase == "sft":
                 if cfg.sft_steps > tr.sft_step_no:
-                    with tqdm(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft", dynamic_ncols=True) as bar:
+                    with progress(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft") as bar:
                         while tr.sft_step_no < cfg.sft_steps:
                             try:
                                 row = tr.sft_step()
@@ -618,8 +619,8 @@ class Run:
                                 raise TrainingStopped(f"{e}; checkpoint {self.checkpoint_now().name} written. "
                                                       f"Resume with:\n    {resume_command(self.out)}") from None
                             self.log(row)
+                            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                             bar.update(1)
-                            bar.set_postfix(loss=f"{row['loss']:.3f}")
                             if self.stop_signal:
                                 raise self._stopped(f"at SFT step {tr.sft_step_no}")
                             if tr.sft_step_no % cfg.save_steps == 0 and tr.sft_step_no < cfg.sft_steps:
@@ -639,7 +640,7 @@ class Run:
                 return {"final": json.loads((self.out / "eval_final.json").read_text())} \
                     if (self.out / "eval_final.json").exists() else {}
             last = None
-            with tqdm(total=cfg.max_steps, initial=tr.step_no, desc="rl", dynamic_ncols=True) as bar:
+            with progress(total=cfg.max_steps, initial=tr.step_no, desc="rl") as bar:
                 while tr.step_no < cfg.max_steps:
                     if self.stop_signal:  # arrived during an evaluation or a save
                         raise self._stopped(f"at step {tr.step_no}")
@@ -654,8 +655,9 @@ class Run:
                                               f"--override-config) with:\n    {resume_command(self.out)}") from None
                     if tr.step_no % cfg.logging_steps == 0 or tr.step_no == cfg.max_steps:
                         self.log(row)
+                    bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", kl=f"{row['kl']:.4f}",
+                                    refresh=False)
                     bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", kl=f"{row['kl']:.4f}")
                     if cfg.eval_steps and tr.step_no % cfg.eval_steps == 0 and tr.step_no < cfg.max_steps:
                         res = self.evaluate(f"step{tr.step_no}")
                         if res:

@@ -1,10 +1,13 @@
 """The command lines' flags (rerec_mini/cli.py, train.py --help): no prefix matching anywhere, negative
-numbers reach the range checks, a usage error is one line, and train.py's --help is grouped."""
+numbers reach the range checks, a usage error is one line, and train.py's --help is grouped; progress
+bars write a few lines, not one per step, into a log file."""
 
 import ast
 import importlib
 import importlib.util
+import io
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -146,3 +149,30 @@ def test_a_new_field_lands_in_the_group_of_the_section_it_is_written_in():
     assert train.help_group("reward_fn", grown) == train.help_group("shuffle_rewards", grown) == \
         "ReRec components and ablations"
     assert train.help_group("share_prompt", grown) == "memory and speed"
+
+
+# ----------------------------------------------------------------------------- progress bars in a log file
+
+
+def test_a_progress_bar_in_a_log_file_writes_a_few_lines_not_one_per_step(monkeypatch):
+    from rerec_mini import cli
+    log = io.StringIO()  # not a terminal, as under CI, nohup or `> train.log`
+    monkeypatch.setattr(sys, "stderr", log)
+    with cli.progress(total=500, desc="sft") as bar:
+        assert bar.mininterval == cli.LOG_INTERVAL >= 10  # a slow step still waits its turn
+        for i in range(500):
+            bar.set_postfix(loss=f"{i:.3f}", refresh=False)
+            bar.update(1)
+    lines = [ln for ln in log.getvalue().replace("\r", "\n").splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3, lines  # the start and the end, not 500 redraws
+    assert "500/500" in lines[-1] and "loss=499.000" in lines[-1]
+
+
+def test_every_bar_is_a_log_friendly_one():
+    """A bare tqdm(...) or a postfix that refreshes would bring back a line per step in log files."""
+    for f in [*sorted((REPO / "rerec_mini").rglob("*.py")), REPO / "train.py", REPO / "eval.py"]:
+        text = f.read_text(encoding="utf-8")
+        if f.name != "cli.py":
+            assert "tqdm(" not in text, f"{f.name}: use rerec_mini.cli.progress"
+        for call in re.findall(r"set_postfix\((.*?)\)\n", text, flags=re.S):
+            assert "refresh=False" in call, f"{f.name}: set_postfix(..., refresh=False)"
