@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rerec_mini import report
-from rerec_mini.config import BUNDLED_DATA, resolve_config
+from rerec_mini.config import resolve_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
