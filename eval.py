@@ -3,7 +3,8 @@
 Greedy answers on the held-out split, on the same deterministic candidate sets the trainer used:
 hit@1 / NDCG / recall / format / hallucination / QAS / PAS per query type, each model row beside
 the popularity baseline on the same candidate sets (a model must beat "name the famous one").
-Prompt settings come from the flag, else the checkpoint's training config, else the defaults;
+Prompt settings come from the flag, else the checkpoint's training config (which a .gguf written by
+rerec_mini.export carries too), else the defaults;
 `python eval.py --model CKPT --help` shows the values that checkpoint will use.
 `--num-samples G`: also G sampled answers per query (sampled hit@1, pass@G, majority vote, and the
 sampled hit rate where the greedy answer is wrong: what RL's rollouts could sharpen towards), at
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from rerec_mini.cli import ArgumentParser
 from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
 from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, evaluate_samples,
                                  markdown_table, prompt_settings, read_texts, retention, sampled_table, stratified_head)
 from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
 from rerec_mini.prompts import NEGATIVE_MODES, CandidateSampler, eos_ids
 from rerec_mini.rewards import RewardConfig, Scorer
-from rerec_mini.run import checkpoint_config, open_dataset, pick_device
+from rerec_mini.run import assumed_settings, checkpoint_config, open_dataset, pick_device
 
 # Settings without a checkpoint config (a base model): flag > the checkpoint's > these.
 DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
@@ -42,7 +44,7 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     def d(key):
         v = known[key]
         return f" [{src}: {v!r}]" if train_cfg else f" [{src}, else {v!r}]"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf file, hub id, alias or 'tiny'")
     p.add_argument("--data", help="dataset directory" + d("data"))
     p.add_argument("--split", default="test", help="query split to evaluate [test]")
@@ -118,7 +120,7 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
         if not Path(args.texts).is_file():
             raise UsageError(f"--texts {args.texts}: no such file")
         return device, model_dir, base, None
-    ds = open_dataset(s["data"])
+    ds = open_dataset(s["data"], trained_by=args.model if args.data is None and train_cfg.get("data") else None)
     if args.split not in ds.queries or not ds.queries[args.split]:
         raise UsageError(f"--split {args.split!r}: the dataset's splits with queries are "
                          f"{', '.join(k for k, v in ds.queries.items() if v)}")
@@ -140,6 +142,9 @@ def evaluate(argv=None) -> int:
     args = parser(train_cfg).parse_args(argv)
     s = prompt_settings(args, train_cfg, DEFAULTS)
     device, model_dir, base_name, ds = check(args, s, train_cfg)
+    warning = assumed_settings(args.model, train_cfg, {k: v for k, v in s.items() if getattr(args, k) is None})
+    if warning and not args.retention:
+        print(warning, file=sys.stderr)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, device=device, dtype=dtype).eval()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import ArgumentParser
 from .config import BUNDLED_DATA, UsageError, resolve_config
 from .data import QUERY_TYPES
 from .prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES
@@ -284,11 +285,12 @@ def study(args, common: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.ablate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(BUNDLED_DATA), help="dataset directory")
     p.add_argument("--model", default="tiny", help="model to fine-tune ('tiny': the offline preset)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant")
+    p.add_argument("--sft-steps", type=int, help="SFT steps of each seed's shared start [the preset's]")
     p.add_argument("--max-steps", type=int, help="RL steps per run [the preset's]")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {','.join(VARIANTS)}")
     p.add_argument("--eval-limit", type=int, default=0, help="held-out queries per evaluation (0: all)")
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     user = {"model": args.model, "data": args.data, "eval_limit": args.eval_limit}
     if args.negatives:
         user["negatives"] = args.negatives
+    if args.sft_steps is not None:
+        user["sft_steps"] = args.sft_steps
     if args.max_steps is not None:
         user["max_steps"] = args.max_steps
     base = resolve_config(user)

@@ -10,7 +10,8 @@ decoding with our sampler runs up to the end-of-turn ids of `eos_ids`. The answe
 is read back with `parse_answer` and matched to the catalogue (candidates first), as the scorer does.
 
 Settings come from the flag, else the checkpoint's training config (trainer_state/state.json, as in
-eval.py), else eval.py's defaults; `--help` after `--model CKPT` shows the values that will be used.
+eval.py; a .gguf written by rerec_mini.export carries it too), else eval.py's defaults; `--help` after
+`--model CKPT` shows the values that will be used.
 
 A dataset query (`--query ID`) is asked with its own candidates, conditions and ground truth: the
 output says whether the answer is a ground-truth item and which of the conditions it has.
@@ -41,13 +42,14 @@ from pathlib import Path
 
 import torch
 
+from .cli import ArgumentParser
 from .config import BUNDLED_DATA, UsageError
 from .data import Dataset, Query
 from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
 from .prompts import (NEGATIVE_MODES, CandidateSampler, eos_ids, fmt_attributes, match_answer,
                       parse_answer, render_prompt)
-from .run import checkpoint_config, open_dataset, pick_device
+from .run import assumed_settings, checkpoint_config, open_dataset, pick_device
 from .sampling import generate
 from .titles import TitleIndex
 
@@ -59,6 +61,12 @@ DEFAULTS = dict(data=str(BUNDLED_DATA), **PROMPT_DEFAULTS)
 # "a sting in the tail". Closed vocabularies (genres, decades, years, countries, languages) match in any case.
 OPEN_VOCABULARY = 200
 _WORD = re.compile(r"[^\W_](?:[\w'&.\-]*[^\W_])?")  # words, keeping "Children's", "Sci-Fi", "J.J"
+# How a request inflects a closed value's last word, undone: (ending, replacement), tried in order.
+# Plurals (Comedies -> Comedy, Westerns -> Western) and the adjectives of genre nouns (romantic ->
+# romance, comedic -> comedy, dramatic -> drama, animated -> animation, historical -> history). A
+# rewrite counts only if the result is a catalogue value, so "fantastic" (-> "fantasce") names nothing.
+INFLECTIONS = (("ies", "y"), ("es", ""), ("s", ""), ("atic", "a"), ("ated", "ation"), ("dic", "dy"),
+               ("tic", "ce"), ("ical", "y"))
 
 
 # ----------------------------------------------------------------------------- settings
@@ -70,8 +78,8 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
 
     def d(key):
         return f" [the checkpoint's: {known[key]!r}]" if train_cfg else f" [a checkpoint's, else {known[key]!r}]"
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.ask", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.ask", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("request", nargs="?", help="the request; without one (and without --query), one request per "
                                               "line is read from stdin until end of input")
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf file, hub id, alias or 'tiny'")
@@ -137,9 +145,13 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
     """The (relation, value) pairs of the catalogue that the request names, in request order.
 
     The request's word n-grams are looked up longest first, without overlaps ("Tom Hanks" wins over a
-    value "Tom"); a plural "s" is forgiven ("Westerns"). A value found under several relations
+    value "Tom"); a plural "s" is forgiven ("Westerns"), and for closed vocabularies (genres, ...) the
+    INFLECTIONS of a last word too ("Comedies", "romantic"). A value found under several relations
     (a director who also writes) takes the relation the request hints at (the relation's first four
     letters in the request: "directed" -> director), else the one most items have it under.
+
+    >>> named_conditions("Comedies directed by Woody Allen", vocab)   # doctest: +SKIP
+    [('genre', 'Comedy'), ('director', 'Woody Allen')]
     """
     words = _WORD.findall(request)
     lower_text = request.lower()
@@ -150,11 +162,11 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
             if any(taken[i:i + n]):
                 continue
             gram = " ".join(words[i:i + n])
-            hits = Counter()
-            for key in (gram, gram[:-1] if gram.endswith("s") and len(gram) > 3 else None):
-                if key:
-                    hits.update(vocab.open.get(key, Counter()))
-                    hits.update(vocab.closed.get(key.lower(), Counter()))
+            hits = Counter(vocab.open.get(gram, Counter())) + vocab.closed.get(gram.lower(), Counter())
+            if not hits and gram.endswith("s") and len(gram) > 3:  # a plural name ("the Coens")
+                hits = Counter(vocab.open.get(gram[:-1], Counter()))
+            for key in ([] if hits else base_forms(gram.lower())):
+                hits = Counter(vocab.closed.get(key, Counter()))
                 if hits:
                     break
             if not hits:
@@ -164,6 +176,17 @@ def named_conditions(request: str, vocab: Vocabulary) -> list[tuple[str, str]]:
             found.append((i, best))
             taken[i:i + n] = [True] * n
     return list(dict.fromkeys(rv for _, rv in sorted(found)))
+
+
+def base_forms(gram: str) -> list[str]:
+    """`gram` with its last word's inflection undone, each way INFLECTIONS allows (longest word first).
+
+    >>> base_forms("comedies")
+    ['comedy', 'comedi', 'comedie']
+    """
+    head, _, last = gram.rpartition(" ")
+    return [(head + " " if head else "") + last[:-len(end)] + base
+            for end, base in INFLECTIONS if last.endswith(end) and len(last) > len(end) + 2]
 
 
 def best_matches(ds: Dataset, conditions: list[tuple[str, str]]) -> tuple[list[str], int]:
@@ -301,7 +324,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
         raise UsageError(f"--model {args.model}: " + " ".join(str(e).split())) from None
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"--model {args.model}: {model_dir} is not a model directory (no config.json)")
-    ds = open_dataset(s["data"])
+    ds = open_dataset(s["data"], trained_by=args.model if args.data is None and train_cfg.get("data") else None)
     if args.user is not None and not ds.history(args.user) and args.user not in ds.users:
         raise UsageError(f"--user {args.user}: no such user in {s['data']}")
     if args.query and not any(q.query_id == args.query for q in ds.all_queries()):
@@ -318,6 +341,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = assumed_settings(args.model, train_cfg, {k: v for k, v in s.items() if getattr(args, k) is None})
+    if warning:
+        print(warning, file=sys.stderr)
     bot = Assistant(model_dir, ds, s, device)
     if args.query:
         q = next(q for q in ds.all_queries() if q.query_id == args.query)

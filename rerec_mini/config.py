@@ -46,7 +46,7 @@ class Config:
     precision: str = _opt("auto", "bf16: bf16 autocast, bf16 sampling copy; fp32: all float32; auto: bf16 on CUDA",
                           choices=("auto", "bf16", "fp32"))
     # the RL loop (names follow TRL's GRPO where one exists)
-    max_steps: int = _opt(200, "RL steps (a finished run continues with --resume --max-steps N)")
+    max_steps: int = _opt(200, "RL steps; 0: an SFT-only run (a finished run continues with --resume --max-steps N)")
     batch_size: int = _opt(16, "queries per RL step")
     num_generations: int = _opt(5, "rollouts per query (the group size G, >= 2)")
     max_completion_length: int = _opt(512, "most tokens sampled per rollout")

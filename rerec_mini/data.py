@@ -255,7 +255,8 @@ def _read_jsonl(path: Path):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise where.error(None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+                at = "" if e.msg.endswith(" at") else " at"  # "Unterminated string starting at" + column
+                raise where.error(None, f"invalid JSON ({e.msg}{at} column {e.colno})") from None
             if not isinstance(rec, dict):
                 raise where.error(None, "expected a JSON object")
             yield where, rec

@@ -12,15 +12,15 @@ everything under data/ out of git except the bundled synthetic set.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from . import sources, synth
+from .cli import ArgumentParser
 from .data import DataError, load_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.datasets", description="Build or check rerec-mini datasets.")
+    p = ArgumentParser(prog="python -m rerec_mini.datasets", description="Build or check rerec-mini datasets.")
     sub = p.add_subparsers(dest="cmd", required=True)
     synth.add_arguments(sub.add_parser("synth", help="generate the synthetic movie world"))
     sources.add_movielens_arguments(sub.add_parser("movielens", help="build from MovieLens-1M + movie metadata"))

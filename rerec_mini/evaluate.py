@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .cli import progress as progress_bar
 from .config import PROMPT_FORMAT, Config
 from .data import QUERY_TYPES, Dataset, Query
 from .prompts import DEFAULT_NEGATIVES, CandidateSampler, render_prompt
@@ -127,7 +127,7 @@ def decode(model, tokenizer, prompts: list[list[int]], *, num_samples: int = 1, 
     # Similar lengths together: less padding in each batch.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: dict[int, list[list[int]]] = {}
-    bar = tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=len(prompts), desc="eval", disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         # Each batch its own seed, so that sampled batches are not copies of one random stream

@@ -19,9 +19,10 @@ loss, for every --loss-type). The policy that samples is the one differentiated 
 the first of the mu passes), so under dapo a share is -(sum of its tokens' A) / (tokens in the step),
 plus beta * KL.
 
-Settings: a flag, else the checkpoint's training config (trainer_state/state.json), else train.py's
-defaults (the tiny preset for --model tiny). A checkpoint taken during RL also brings its step
-number (the sampler's seed) and its curriculum state (the query's difficulty history).
+Settings: a flag, else the checkpoint's training config (trainer_state/state.json; a .gguf written by
+rerec_mini.export carries it too), else train.py's defaults (the tiny preset for --model tiny). A
+checkpoint taken during RL also brings its step number (the sampler's seed) and its curriculum state
+(the query's difficulty history).
 
 --text "request": a free request has no ground truth. It becomes an `explicit` query whose
 conditions are the catalogue attribute values the request names (ask.py's `named_conditions`)
@@ -50,13 +51,14 @@ import numpy as np
 import torch
 
 from . import raae
-from .config import TINY_PRESET, Config, UsageError, negatable, resolve_config, validate
+from .cli import ArgumentParser
+from .config import PROMPT_FORMAT, TINY_PRESET, Config, UsageError, negatable, resolve_config, validate
 from .curriculum import BucketCurriculum, make_curriculum
 from .data import Dataset, Query
 from .grpo import StepNorm, loss_type_name, policy_loss
 from .model import resolve_model_dir, token_logprobs
 from .prompts import parse_answer
-from .run import build_tiny_start, open_dataset, pick_device, training_state
+from .run import assumed_settings, build_tiny_start, open_dataset, pick_device, training_state
 from .trainer import Batch, Trainer
 
 # ----------------------------------------------------------------------------- what is explained
@@ -577,9 +579,9 @@ FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completi
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.explain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = ArgumentParser(prog="python -m rerec_mini.explain", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf, hub id, alias or 'tiny' (random init)")
     p.add_argument("--query", metavar="QUERY_ID", help="a dataset query [the first training query]")
     p.add_argument("--text", metavar="REQUEST", help="a free request (see above for its ground truth)")
@@ -626,7 +628,11 @@ def setup(argv, stack: ExitStack) -> tuple[Trainer, Query, list[str], argparse.N
     if getattr(args, "query", None) and getattr(args, "text", None):
         raise UsageError("give --query QUERY_ID or --text REQUEST, not both")
     device = pick_device(cfg.device)
-    ds = open_dataset(cfg.data)
+    ds = open_dataset(cfg.data, trained_by=args.model if saved and "data" not in user else None)
+    warning = assumed_settings(args.model, saved or {},
+                               {k: getattr(cfg, k) for k in ("data", *PROMPT_FORMAT) if k not in user})
+    if warning:
+        print(warning, file=sys.stderr)
     if not ds.queries.get("train"):
         raise UsageError(f"--data {cfg.data}: no training queries")
     notes: list[str] = []

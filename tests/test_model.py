@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rerec_mini.model import (CausalLM, ModelConfig, build_tiny, load_model, load_tokenizer, save_model,
+from rerec_mini.model import (CausalLM, ModelConfig, build_tiny, hub_cli, load_model, load_tokenizer, save_model,
                               tiny_model_dir, token_logprobs)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,19 @@ def test_offline_missing_model_says_how_to_download(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     msg = r.stderr[r.stderr.rindex("FileNotFoundError"):]
-    assert "huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct" in msg and "local directory" in msg, r.stderr[-2000:]
+    cli = hub_cli()
+    assert f"{cli} download Qwen/Qwen2.5-1.5B-Instruct" in msg and "local directory" in msg, r.stderr[-2000:]
+
+
+def test_the_download_command_named_is_the_one_huggingface_hub_installed(monkeypatch):
+    import importlib.metadata
+
+    class Script:
+        def __init__(self, name):
+            self.name, self.value = name, f"huggingface_hub.commands:{name}"
+    for scripts, want in ((["hf", "huggingface-cli"], "hf"), (["huggingface-cli"], "huggingface-cli"), ([], "hf")):
+        monkeypatch.setattr(importlib.metadata, "entry_points", lambda group, s=scripts: [Script(n) for n in s])
+        assert hub_cli() == want, scripts
 
 
 def small_model(tie=True, seed=0):

@@ -161,6 +161,33 @@ def test_named_conditions_read_the_catalogue_vocabulary(synth):
     assert ask.named_conditions("nothing in particular", vocab) == []
 
 
+class _Item:
+    def __init__(self, **attributes):
+        self.attributes = attributes
+
+
+# Real requests and what they name, on a MovieLens-like catalogue: plurals and adjectives of genres
+# ("Comedies directed by Woody Allen" was read as the director alone), and words that only look like one.
+PHRASINGS = [
+    ("Comedies directed by Woody Allen", [("genre", "Comedy"), ("director", "Woody Allen")]),
+    ("romantic comedies from the 1990s", [("genre", "Romance"), ("genre", "Comedy"), ("decade", "1990s")]),
+    ("animated movies my kids would like", [("genre", "Animation")]),
+    ("Documentaries about war", [("genre", "Documentary"), ("genre", "War")]),
+    ("some good mysteries starring Tom Hanks", [("genre", "Mystery"), ("starring", "Tom Hanks")]),
+    ("dramatic Westerns", [("genre", "Drama"), ("genre", "Western")]),
+    ("a fantastic film for the family", []),  # "fantastic" is not Fantasy, "family" no genre here
+]
+
+
+def test_named_conditions_match_plural_and_inflected_value_names():
+    genres = ["Comedy", "Romance", "Animation", "Documentary", "War", "Mystery", "Drama", "Western", "Fantasy"]
+    items = {str(i): _Item(genre=[g], director=["Woody Allen"], starring=["Tom Hanks"], decade=["1990s"])
+             for i, g in enumerate(genres)}
+    vocab = ask.Vocabulary.of(type("Catalogue", (), {"items": items})())
+    for request, named in PHRASINGS:
+        assert ask.named_conditions(request, vocab) == named, request
+
+
 def test_typed_request_candidates_hold_one_full_match(synth):
     ds, vocab = synth
     q = ask.request_query("a Comedy from the 1990s", ds, vocab, None, seed=0)

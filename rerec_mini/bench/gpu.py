@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli import ArgumentParser
 from ..model import CausalLM, Fp32OutMatmul, ModelConfig, frozen_copy, token_logprobs
 from ..sampling import DecoderPool, generate
 from . import sampler as sampler_bench
@@ -431,8 +432,8 @@ def run_isolated(cmd: list[str], result: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.bench gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(prog="python -m rerec_mini.bench gpu", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--out", required=True, help="directory for gpu.json, gpu.md (and real.log)")
     p.add_argument("--smoke", action="store_true", help="run every code path on CPU with reduced sizes")
     p.add_argument("--gguf", help="the SmolLM2-135M-Instruct GGUF file, for the real-model part")

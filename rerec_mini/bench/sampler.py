@@ -13,7 +13,6 @@ With --model the weights are a real model's (a checkpoint, .gguf or alias, as tr
 by us and by transformers from the same directory; the preset then gives only the sizes and the device.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import time
 
 import torch
 
+from ..cli import ArgumentParser
 from ..model import CausalLM, ModelConfig, _dtype, load_model, resolve_model_dir
 from ..sampling import DecoderPool, generate
 
@@ -169,7 +169,7 @@ def describe(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rerec_mini.bench sampler", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m rerec_mini.bench sampler", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=PRESETS, default="cpu-small")
     ap.add_argument("--model", help="a real model (checkpoint, .gguf or alias such as SmolLM2-135M) instead of "
                                     "the preset's architecture with random weights")

@@ -16,7 +16,6 @@ the two sides alternating.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import ArgumentParser
 from ..data import Dataset, Query, load_dataset
 from ..graphs import item_attribute_matrix, item_embeddings
 from ..prompts import CandidateSampler
@@ -177,7 +177,7 @@ def cpu_name() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rerec_mini.bench scorer", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m rerec_mini.bench scorer", description=__doc__.split("\n")[0])
     ap.add_argument("--rollouts", type=int, default=4096, help="rollouts scored per timed call")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per side (median reported)")
     ap.add_argument("--data", help="a dataset directory (default: real MovieLens-1M if present, else synthetic)")

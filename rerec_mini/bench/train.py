@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import ArgumentParser
 from ..config import BUNDLED_DATA, resolve_config
 from ..data import load_dataset
 from .. import model as model_module
@@ -301,8 +302,8 @@ def run_sft(device: str = "auto", steps: int = 40, warmup: int = 2) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.bench train", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.add_argument("--steps", type=int, default=5, help="timed RL steps")
