@@ -252,12 +252,15 @@ def study(args, common: dict, out: Path) -> dict:
     sampled: dict[str, list[dict]] = {a: [] for a in arms}
     minutes: dict[str, float] = {a: 0.0 for a in arms}
     run_dirs: dict[tuple[str, int], Path] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in arms:
             cfg = arm_config(arm, common, start, seed, args.steps, out)
+            wall = Path(cfg.output_dir) / "wall_seconds.json"  # kept with the run: a reused run keeps its time
             t0 = time.perf_counter()
             results[arm].append(run_once(cfg))
-            minutes[arm] += (time.perf_counter() - t0) / 60
+            if not wall.exists():
+                wall.write_text(json.dumps(time.perf_counter() - t0))
+            minutes[arm] += json.loads(wall.read_text()) / 60
             run_dirs[(arm, seed)] = Path(cfg.output_dir)
             if args.num_samples:
                 cache = Path(cfg.output_dir) / f"sampled_{args.num_samples}.json"
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", help=f"the study instead: comma list of {','.join(ARMS)} (see above)")
     p.add_argument("--start", help="the study's common start (a checkpoint; default: --model itself)")
     p.add_argument("--steps", type=int, default=40, help="the study's optimiser steps per arm [40]")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the study: seeds first-seed .. first-seed + seeds - 1 (one seed per machine, then all of "
+                        "them again where the runs' eval JSONs are gathered: finished runs are reused) [0]")
     p.add_argument("--num-samples", type=int, default=0, help="the study: also pass@G and majority@G with G samples")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a train.py option for every run, e.g. --set batch_size=8 (repeatable)")

@@ -106,3 +106,8 @@ def test_study_runs_every_arm_from_one_start_with_the_same_step_budget(micro_mod
     grpo = json.loads((out / "grpo-seed0" / "train_config.json").read_text())
     assert grpo["no_raae"] and grpo["curriculum"] == "none" and grpo["reward_weights"] == "0.1,1,0,0"
     assert "| rerec |" in (out / "results.md").read_text()
+    # the same command again (e.g. after gathering other machines' runs): every finished run is reused
+    (out / "sft-seed0" / "metrics.jsonl").rename(out / "sft-seed0" / "metrics.moved")
+    assert ablate.main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["arms"] == res["arms"]
+    assert not (out / "sft-seed0" / "metrics.jsonl").exists()  # not trained again
