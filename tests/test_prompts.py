@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +197,14 @@ def test_unknown_negatives_mode_names_the_choices(ds, sampler):
         build_candidates(q, ds, num_candidates=0, negatives="Uniform")
 
 
-def test_uniform_mode_is_the_old_sampler_draw_for_draw(ds, sampler):
-    """Candidate sets of runs made before the modes existed (issue 15) are reproducible."""
-    q = ds.queries["test"][0]
+def test_uniform_and_popularity_modes_are_the_old_draws(ds, sampler):
+    """Candidate sets of runs made before the modes existed (issue 15), and of runs made with the
+    "popularity" default before issue 23, are reproducible: the query that was the bundled set's
+    test-explicit-00000 (a draw depends on its id and content, not on the split it sits in)."""
+    text = "Recommend me movies directed by Ada Bell, from the 1960s, in English, please."
+    q = replace(next(x for x in ds.all_queries() if x.text == text), query_id="test-explicit-00000")
+    assert sampler.sample(q, 20, 0, 0, "popularity")[:10] == [
+        "m0580", "m0220", "m0084", "m0273", "m0260", "m0027", "m0391", "m0405", "m0262", "m0032"]
     assert sampler.sample(q, 20, 0, 0, "uniform") == [
         "m0113", "m0128", "m0084", "m0493", "m0484", "m0075", "m0487", "m0450", "m0367", "m0373",
         "m0570", "m0514", "m0501", "m0545", "m0551", "m0549", "m0163", "m0350", "m0370", "m0371"]

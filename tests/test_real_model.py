@@ -150,7 +150,7 @@ def synth():
 
 def test_named_conditions_read_the_catalogue_vocabulary(synth):
     ds, vocab = synth
-    q = ds.queries["test"][0]  # "Recommend me movies directed by Ada Bell, from the 1960s, in English, please."
+    q = ds.queries["test"][0]  # "Recommend me Comedy movies written by Ines Orme, please."
     assert ask.named_conditions(q.text, vocab) == q.conditions
     assert ask.named_conditions("some westerns, Horror or comedy", vocab) == \
         [("genre", "Western"), ("genre", "Horror"), ("genre", "Comedy")]
