@@ -20,7 +20,7 @@ A typed request has no ground truth. It becomes an `explicit` query whose condit
 catalogue attribute values the request names (`named_conditions`: "war movies starring Tom Hanks"
 -> genre: War, starring: Tom Hanks). Its candidate set is drawn the way training draws one for an
 explicit query: the *anchor* (the most-interacted item having the most named values) plus negatives
-from the anchor's popularity stratum that lack some named value (`--negatives`, as in training), so
+matched to the anchor's popularity that lack some named value (`--negatives`, as in training), so
 the list holds a plausible answer among plausible-looking others, and `--show-attributes auto`
 shows the named relations. A request that names no attribute value gets the anchor drawn (by
 --seed) from the most-interacted quarter of the catalogue: a list of well-known items. The output

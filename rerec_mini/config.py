@@ -93,8 +93,9 @@ class Config:
     # the task
     num_candidates: int = _opt(20, "candidates per prompt (1 correct + negatives); 0 = open generation")
     negatives: str = _opt(DEFAULT_NEGATIVES, "how negatives are drawn: uniform over the catalogue, from the ground "
-                                             "truth's popularity stratum (no popularity shortcut), or hard (sharing "
-                                             "some of the request's conditions)", choices=NEGATIVE_MODES)
+                                             "truth's popularity bin (the default before issue 23), matched to its "
+                                             "popularity with its rank in the set uniform (no popularity shortcut), or "
+                                             "hard (sharing some of the request's conditions)", choices=NEGATIVE_MODES)
     hard_negatives: int = _opt(0, "negatives that share some but not all conditions")
     answer_size: int = _opt(1, "titles in the answer box (NDCG@k with k = this)")
     history_len: int = _opt(0, "recent history titles shown in the prompt")

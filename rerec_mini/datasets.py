@@ -5,6 +5,9 @@
     python -m rerec_mini.datasets recbench  --recbench DIR --ml1m DIR --out DIR
     python -m rerec_mini.datasets check     DIR
 
+`check` validates a dataset, prints its counts and how much its test split shares with training
+(splits.py: per type, test queries whose condition set, demographic group or answer set a training
+query has), with a warning when any of those is not zero; every build ends with the same check.
 The format itself lives in data.py (which imports no builder); the builders in synth.py and
 sources.py. Datasets built from MovieLens or RecBench+ may not be redistributed: .gitignore keeps
 everything under data/ out of git except the bundled synthetic set.
@@ -17,6 +20,22 @@ import sys
 from . import sources, synth
 from .cli import ArgumentParser
 from .data import DataError, load_dataset
+from .splits import format_overlaps, overlaps, total_overlap
+
+
+def check(path) -> None:
+    """Validate the dataset at `path`; print its counts and its held-out overlap with training
+    (a warning on stderr when the split leaks; load_dataset itself stays silent about it)."""
+    ds = load_dataset(path)
+    print(ds.summary())
+    counts = overlaps(ds.queries["train"], ds.queries["test"])
+    print(format_overlaps(counts))
+    tot = total_overlap(counts)
+    if any(tot.values()):
+        print(f"warning: {path}: test queries share with training queries: conditions {tot['conditions']}, "
+              f"group {tot['group']}, answers {tot['answers']}; held-out figures on this split partly "
+              "measure remembered training answers (rebuild with the default --split-by component)",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "check":
-            print(load_dataset(args.path).summary())
+            check(args.path)
         else:
             args.run(args)
+            check(args.out)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

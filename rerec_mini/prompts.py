@@ -28,8 +28,9 @@ SYSTEM = "You are a recommendation assistant."
 # from real histories and are popular; uniform negatives are mostly obscure, so on MovieLens
 # "name the most-rated candidate" scores hit@1 0.39 against 0.05 for chance. Popularity-matched
 # negatives bring that shortcut down to chance (measured in BENCHMARKS.md), hence the default.
-NEGATIVE_MODES = ("uniform", "popularity", "hard")
-DEFAULT_NEGATIVES = "popularity"
+NEGATIVE_MODES = ("uniform", "popularity", "matched", "hard")
+DEFAULT_NEGATIVES = "matched"
+MATCH_WINDOW = 2  # "matched": each side's negatives come from the nearest 2 x (negatives per set) on that side
 
 
 class CandidateSampler:
@@ -61,11 +62,27 @@ class CandidateSampler:
         runs dry widens to the neighbouring bin it merges with. Nested bins, not a window
         centred on the answer: in a centred window the answer would always sit at the median
         popularity of its set, a shortcut of its own.
+        Kept draw for draw for the figures read while it was the default (until issue 23). Its
+        residue: an answer's place inside its bin is fixed by the bin grid, so an answer at the
+        top of its bin is the most popular candidate of every set drawn for it. Over many answers
+        that nearly averages out (MovieLens, 8 candidates: popularity baseline 0.144 against
+        chance 0.125); over few answers it does not: on the split by component MovieLens' 64
+        held-out demographic queries share six answers, and the baseline reads 0.20 on them at
+        20 candidates (chance 0.05).
+      - "matched" (default): popularity-matched with the answer's rank in its set uniform by
+        construction. j ~ U{0..M-1} of the M-1 negatives have more interactions than the answer,
+        drawn uniformly from the nearest MATCH_WINDOW x (M-1) allowed items above it, the others
+        from the nearest as many below it; items with exactly as many interactions as the answer
+        are left out (a tie is broken arbitrarily by a ranking, which would move the answer's
+        rank); a side that runs short (an answer at the very top or bottom of the catalogue)
+        leaves its remainder to the other. So "name the k-th most popular candidate" is right
+        1/M of the time for every k, whatever the answer and however few answers a split has.
       - "hard": "uniform" with hard negatives on by default: `hard_negatives=0` means half of
         the negatives, rounded up (as many as the hard pool holds).
     `hard_negatives=H` works in every mode: H of the negatives (fewer when the hard pool runs
-    short) come from the hard pool, the rest from the whole pool; in "popularity" mode both
-    draws are popularity-matched.
+    short) come from the hard pool, the rest from the whole pool; in "popularity" and "matched"
+    modes both draws are popularity-matched (in "matched" the j negatives above the answer are
+    spread over the two draws at random, so its rank in the whole set stays uniform).
     """
 
     def __init__(self, dataset: Dataset):
@@ -84,6 +101,7 @@ class CandidateSampler:
         # cuts those positions into 2^l bins, edges [2^l + 1]; each bin is the union of two bins
         # of level l + 1, so widening a bin means merging it with its neighbour.
         n = len(self.item_ids)
+        self.counts = dataset.popularity  # [I] interactions per item
         self.by_popularity = np.argsort(dataset.popularity, kind="stable")
         self.popularity_rank = np.empty(n, np.int64)
         self.popularity_rank[self.by_popularity] = np.arange(n)
@@ -124,6 +142,27 @@ class CandidateSampler:
                 break
         return self.by_popularity[lo:hi][ranked[lo:hi]]
 
+    def beside(self, pool: np.ndarray, row: int, above: int, below: int, window: int,
+               rng: random.Random) -> list[int]:
+        """`above` rows of `pool` ([I] bool) with more interactions than item `row` and `below` with
+        fewer, each side drawn uniformly from its `window` pool items nearest to `row` in popularity
+        ("matched" negatives). Items with as many interactions as `row` are left out: a popularity
+        ranking can only break such a tie arbitrarily, so they would push the answer's rank off
+        uniform. A side with fewer than asked gives all it has and leaves the rest to the other;
+        fewer than above + below come back when the two sides together hold fewer."""
+        ranked = self.by_popularity[pool[self.by_popularity]]  # pool rows, least popular first
+        counts, c = self.counts[ranked], self.counts[row]
+        lower, upper = ranked[counts < c][::-1], ranked[counts > c]  # each side nearest first
+        k = above + below
+        above = min(above, len(upper))
+        below = min(k - above, len(lower))
+        above = min(k - below, len(upper))
+        picks = []
+        for side, n in ((upper, above), (lower, below)):
+            near = side[:max(window, n)]
+            picks += [int(near[j]) for j in rng.sample(range(len(near)), n)]
+        return picks
+
     def sample(self, query: Query, num_candidates: int = 20, hard_negatives: int = 0,
                seed: int = 0, negatives: str = DEFAULT_NEGATIVES) -> list[str] | None:
         """Candidate item ids, shuffled; None when num_candidates == 0 (open generation).
@@ -150,9 +189,27 @@ class CandidateSampler:
             # rng.sample over a range is O(k), not O(catalogue): only the picks are materialised.
             return [int(rows[j]) for j in rng.sample(range(len(rows)), min(k, len(rows)))]
 
-        picks = draw(hard, min(hard_negatives, n_neg))
-        allowed[picks] = False
-        picks += draw(allowed, n_neg - len(picks))
+        if negatives == "matched":
+            # j negatives more popular than the answer, j uniform: its rank in the set is uniform.
+            # Which of them are hard is random too, so the two draws together keep that rank.
+            j = rng.randint(0, n_neg)
+            up = [True] * j + [False] * (n_neg - j)
+            rng.shuffle(up)
+            h = min(hard_negatives, n_neg)
+            window = MATCH_WINDOW * n_neg
+            picks = self.beside(hard, answer, sum(up[:h]), h - sum(up[:h]), window, rng)
+            hard[picks] = False
+            picks += draw(hard, h - len(picks))  # a small hard pool: its items tied with the answer too
+            allowed[picks] = False
+            above = max(0, sum(up) - sum(self.counts[r] > self.counts[answer] for r in picks))
+            rest = n_neg - len(picks)
+            picks += self.beside(allowed, answer, min(above, rest), rest - min(above, rest), window, rng)
+            allowed[picks] = False
+            picks += draw(allowed, n_neg - len(picks))  # a catalogue too small: the answer's ties too
+        else:
+            picks = draw(hard, min(hard_negatives, n_neg))
+            allowed[picks] = False
+            picks += draw(allowed, n_neg - len(picks))
         out = [query.ground_truth[0]] + [self.item_ids[r] for r in picks]
         rng.shuffle(out)
         return out

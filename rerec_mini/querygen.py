@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .data import QUERY_TYPES, SPLITS, Group, Hop, Item, Misinformation, Query, User
+from .splits import SPLIT_MODES, link_keys, split_by_component
 
 # Relations a condition may use. "year" is left out: "decade" says the same, less narrowly.
 CONDITION_RELATIONS = ("genre", "director", "writer", "starring", "decade", "country", "language")
@@ -368,13 +369,19 @@ def build_queries(
     test_frac: float = 0.2,
     max_gt: int = 10,
     min_group_users: int = 5,
+    split_by: str = "component",
 ) -> tuple[dict[str, list[Query]], dict[str, int]]:
-    """Up to `per_type` queries of each type, split into train/test by query, stratified by type.
+    """Up to `per_type` queries of each type, split into train/test, stratified by type.
 
+    split_by "component" (the default): no test query shares its condition set, its demographic
+    group or its ground-truth set with a training query (splits.py); "query": each query on its
+    own, the split of the versions before it (same seed, same split), kept to reproduce old figures.
     histories: user_id -> item ids in time order. Returns ({"train": [...], "test": [...]}, report)
     where report counts what was built per type and every skipped attempt per reason.
     The same arguments give the same queries (no set-order or hash-seed dependence).
     """
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by {split_by!r}: expected one of {', '.join(SPLIT_MODES)}")
     qb = QueryBuilder(items, histories, users, seed=seed, max_gt=max_gt)
     report: Counter = Counter()
     texts: set[str] = set()
@@ -407,15 +414,21 @@ def build_queries(
         attempts += 1
         keep(qb.demographic(*truths[attempts % len(truths)]), "demographic")
 
-    # Split each type by query; number the queries once the split is fixed.
+    # Split each type; number the queries once the split is fixed (test first, then train).
     rng = random.Random(seed + 1)
     splits: dict[str, list[Query]] = {s: [] for s in SPLITS}
     for qtype, qs in by_type.items():
         report[f"built {qtype}"] = len(qs)
-        rng.shuffle(qs)
-        n_test = round(len(qs) * test_frac)
-        for k, q in enumerate(qs):
-            split = "test" if k < n_test else "train"
+        if split_by == "query":
+            rng.shuffle(qs)
+            n_test = round(len(qs) * test_frac)
+            test, train = qs[:n_test], qs[n_test:]
+        else:
+            test, train, rep = split_by_component(qs, test_frac, rng)
+            for k, v in rep.items():
+                report[f"split {qtype}: {k}"] = v
+        for k, q in enumerate(test + train):
+            split = "test" if k < len(test) else "train"
             q.query_id = f"{split}-{qtype}-{k:05d}"
             splits[split].append(q)
     return splits, dict(sorted(report.items()))
@@ -436,14 +449,19 @@ def signature(q: Query) -> tuple:
 def fresh_queries(items: list[Item], histories: dict[str, list[str]], users: dict[str, User], *,
                   per_type: int, seed: int, exclude: list[Query], max_gt: int = 10) -> list[Query]:
     """Up to `per_type` new queries of each type from a dataset's own catalogue and histories, none of
-    them the same question as any query in `exclude` (by `signature`): warm-start data that neither
-    the RL training queries nor the held-out ones share, so SFT cannot memorise their answers."""
-    taken = {signature(q) for q in exclude}
-    built, _ = build_queries(items, histories, users, per_type=per_type, seed=seed, test_frac=0.0, max_gt=max_gt)
-    out = []
+    them linked to any query in `exclude`: no fresh query shares its condition set, its demographic
+    group or its ground-truth set with one of them (splits.link_keys, the links the train/test split
+    keeps apart). Warm-start data that neither the RL training queries nor the held-out ones share,
+    so SFT can neither memorise their answers nor learn a held-out one. Where every demographic group
+    is named by `exclude` (the bundled set, MovieLens), no fresh query is demographic. Two fresh
+    queries are never the same question (`signature`)."""
+    banned = {link for q in exclude for link in link_keys(q).items()}
+    built, _ = build_queries(items, histories, users, per_type=per_type, seed=seed, test_frac=0.0, max_gt=max_gt,
+                             split_by="query")
+    out, asked = [], set()
     for k, q in enumerate(built["train"]):
-        if signature(q) not in taken:
-            taken.add(signature(q))
+        if signature(q) not in asked and not banned.intersection(link_keys(q).items()):
+            asked.add(signature(q))
             q.query_id = f"fresh-{seed}-{k:05d}"
             out.append(q)
     return out

@@ -45,6 +45,7 @@ from .grpo import loss_type_name
 from .data import QUERY_TYPES, DataError, Dataset, load_dataset
 from .model import ModelConfig, build_tiny, resolve_model_dir, save_model
 from .prompts import build_messages, render_sft_target
+from .splits import overlaps, total_overlap
 from .trainer import Trainer, TrainingStopped
 
 RUNS_DIR = Path("runs")
@@ -474,6 +475,11 @@ class Run:
             f"  data      {cfg.data}: {len(ds.items):,} items, {len(ds.queries['train']):,} train / "
             f"{n_test:,} {cfg.eval_split} queries",
         ]
+        # What the held-out queries share with training (data/README.md, "The train/test split").
+        shared = total_overlap(overlaps(ds.queries["train"], ds.queries.get(cfg.eval_split, [])))
+        leak = "  (per type: python -m rerec_mini.datasets check)" if any(shared.values()) else ""
+        lines.append(f"  held-out  {cfg.eval_split} queries sharing with train: "
+                     + ", ".join(f"{k} {v}" for k, v in shared.items()) + leak)
         diff = {k: v for k, v in differences(cfg).items() if k not in ("output_dir", "resume", "data", "model")}
         lines.append("  settings  " + (", ".join(f"{k}={v}" for k, v in diff.items()) or "defaults"))
         if self.plan.inherited:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import QUERY_TYPES, SPLITS, DataError, Group, Hop, Item, Misinformation, Query, User, write_dataset
+from .splits import OVERLAPS, add_split_argument, overlaps
 from .titles import TitleIndex, split_title
 
 GENDERS = {"F": "female", "M": "male"}
@@ -59,6 +60,8 @@ INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
 # Relations a RecBench+ ground-truth set is described by (conditions). "year" is left out:
 # "decade" says the same, less narrowly (as in querygen.py).
 SHARED_RELATIONS = ("genre", "director", "writer", "starring", "decade")
+# How the report names each overlap of a kept (published) split (splits.py).
+OVERLAP_WHAT = {"conditions": "(type, condition set)", "group": "group", "answers": "(type, ground-truth set)"}
 
 
 class Report:
@@ -325,8 +328,9 @@ def load_movielens(ml1m=None, *, metadata=None, ratings=None, interactions=None)
 
 
 def build_movielens(out, ml1m=None, *, metadata=None, ratings=None, interactions=None, per_type: int = 600,
-                    seed: int = 0, test_frac: float = 0.2, max_gt: int = 10) -> Report:
-    """Read MovieLens, generate all five query types from real histories, write the dataset."""
+                    seed: int = 0, test_frac: float = 0.2, max_gt: int = 10, split_by: str = "component") -> Report:
+    """Read MovieLens, generate all five query types from real histories, write the dataset
+    (split by component unless split_by="query": querygen.build_queries)."""
     from .querygen import build_queries  # the generator shared with the synthetic world
 
     t0 = time.perf_counter()
@@ -335,7 +339,8 @@ def build_movielens(out, ml1m=None, *, metadata=None, ratings=None, interactions
     rep.add("items", len(ml.items))
     t1 = time.perf_counter()
     queries, qreport = build_queries(ml.items, ml.histories, {u.user_id: u for u in ml.users},
-                                     per_type=per_type, seed=seed, test_frac=test_frac, max_gt=max_gt)
+                                     per_type=per_type, seed=seed, test_frac=test_frac, max_gt=max_gt,
+                                     split_by=split_by)
     for k, v in qreport.items():
         rep.add(f"queries: {k}", v)
     for split in SPLITS:
@@ -620,7 +625,9 @@ def convert_recbench(files: list[Path], items: list[Item], report: Report, *, se
 
     The split is by source record for explicit/implicit/misinformed (their two phrasings
     ask the same thing, so they stay on one side) and by query for interest/demographic;
-    stratified by type, deterministic in `seed`.
+    stratified by type, deterministic in `seed`. It is kept as it is, not split by component
+    (splits.py), because it is the split RecBench+ users compare against; what it shares between
+    train and test (condition sets, groups, answer sets) is counted in the report instead.
     """
     conv = _Converter(items, report, histories)
     units: dict[str, list[list[Query]]] = {t: [] for t in QUERY_TYPES}
@@ -658,6 +665,10 @@ def convert_recbench(files: list[Path], items: list[Item], report: Report, *, se
         report.add(f"queries {kind}", sum(len(u) for u in us))
     for split in SPLITS:
         splits[split].sort(key=lambda q: q.query_id)
+    for t, row in overlaps(splits["train"], splits["test"]).items():
+        for name in OVERLAPS:
+            if name in row:
+                report.add(f"overlap: {t} test queries whose {OVERLAP_WHAT[name]} a training query has", row[name])
     return splits
 
 
@@ -706,6 +717,7 @@ def add_movielens_arguments(p) -> None:
     p.add_argument("--per-type", "--queries-per-type", dest="per_type", type=int, default=600,
                    help="queries of each type (train + test)")
     p.add_argument("--max-gt", type=int, default=10, help="most ground-truth items per query")
+    add_split_argument(p)
     p.set_defaults(run=_run_movielens)
 
 
@@ -716,21 +728,14 @@ def add_recbench_arguments(p) -> None:
     p.set_defaults(run=_run_recbench)
 
 
-def _finish(out, rep: Report, what: str) -> None:
-    from .data import load_dataset
-
-    rep.print(f"{what} -> {out}")
-    print(load_dataset(out).summary())
-
-
 def _run_movielens(args) -> None:
     rep = build_movielens(args.out, args.ml1m, metadata=args.metadata, ratings=args.ratings,
                           interactions=args.interactions, per_type=args.per_type, seed=args.seed,
-                          test_frac=args.test_frac, max_gt=args.max_gt)
-    _finish(args.out, rep, "MovieLens-1M")
+                          test_frac=args.test_frac, max_gt=args.max_gt, split_by=args.split_by)
+    rep.print(f"MovieLens-1M -> {args.out}")
 
 
 def _run_recbench(args) -> None:
     rep = build_recbench(args.out, args.recbench, args.ml1m, metadata=args.metadata, ratings=args.ratings,
                          interactions=args.interactions, seed=args.seed, test_frac=args.test_frac)
-    _finish(args.out, rep, "RecBench+")
+    rep.print(f"RecBench+ -> {args.out}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .data import Item, User, write_dataset
 from .querygen import build_queries
+from .splits import add_split_argument
 
 GENRES = ["Action", "Adventure", "Animation", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
           "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -193,14 +194,17 @@ def make_histories(rng: random.Random, users: list[User], tastes: dict[str, Tast
 
 
 def build(out: str, *, seed: int = 0, n_items: int = 600, n_users: int = 300, per_type: int = 200,
-          test_frac: float = 0.2, history_min: int = 20, history_max: int = 60, max_gt: int = 10) -> dict:
-    """Generate the world and write it to `out`. Returns the query-builder report."""
+          test_frac: float = 0.2, history_min: int = 20, history_max: int = 60, max_gt: int = 10,
+          split_by: str = "component") -> dict:
+    """Generate the world and write it to `out`. Returns the query-builder report. The split is by
+    component unless split_by="query" (querygen.build_queries); the world itself does not depend on it."""
     rng = random.Random(seed)
     items, _ = make_catalogue(rng, n_items)
     users, tastes = make_users(rng, n_users, items)
     histories = make_histories(rng, users, tastes, items, history_min, history_max)
     queries, report = build_queries(items, histories, {u.user_id: u for u in users},
-                                    per_type=per_type, seed=seed, test_frac=test_frac, max_gt=max_gt)
+                                    per_type=per_type, seed=seed, test_frac=test_frac, max_gt=max_gt,
+                                    split_by=split_by)
     # Timestamps: one event every 1-3 days from 2000-01-01, per user.
     rows = []
     for u in users:
@@ -222,17 +226,15 @@ def add_arguments(p) -> None:
     p.add_argument("--history-min", type=int, default=20, help="shortest user history")
     p.add_argument("--history-max", type=int, default=60, help="longest user history")
     p.add_argument("--max-gt", type=int, default=10, help="most ground-truth items per query")
+    add_split_argument(p)
     p.set_defaults(run=_run)
 
 
 def _run(args) -> None:
-    from .data import load_dataset
-
     t0 = time.perf_counter()
     report = build(args.out, seed=args.seed, n_items=args.items, n_users=args.users, per_type=args.per_type,
                    test_frac=args.test_frac, history_min=args.history_min, history_max=args.history_max,
-                   max_gt=args.max_gt)
-    print(load_dataset(args.out).summary())
+                   max_gt=args.max_gt, split_by=args.split_by)
     for k, v in report.items():
         print(f"  {k}: {v}")
     print(f"built in {time.perf_counter() - t0:.1f}s")

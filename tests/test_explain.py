@@ -161,7 +161,8 @@ def test_curriculum_is_asked_on_a_copy(trainer, crafted, monkeypatch):
     # others were never rolled out: they sort as hardest)
     paper = make_curriculum("paper", len(trainer.train_queries), tau=0.1, batch_size=2)
     monkeypatch.setattr(trainer, "curriculum", paper)
-    for tau, expect in ((0.99, "next epoch: retired"), (0.1, "next epoch: kept at position 1 of 800")):
+    n = len(trainer.train_queries)
+    for tau, expect in ((0.99, "next epoch: retired"), (0.1, f"next epoch: kept at position 1 of {n}")):
         monkeypatch.setattr(trainer, "cfg", replace(trainer.cfg, curriculum="paper", tau=tau))
         paper.tau = tau
         ex = X.explain(trainer, q)

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def _assert_no_correct_negative(ds, q, c):
 
 
 def test_negative_modes_constants():
-    assert NEGATIVE_MODES == ("uniform", "popularity", "hard") and DEFAULT_NEGATIVES in NEGATIVE_MODES
+    assert NEGATIVE_MODES == ("uniform", "popularity", "matched", "hard") and DEFAULT_NEGATIVES == "matched"
 
 
 @pytest.mark.parametrize("mode", NEGATIVE_MODES)
@@ -190,15 +191,20 @@ def test_modes_deterministic_per_seed_and_query(ds, sampler, mode):
 
 def test_unknown_negatives_mode_names_the_choices(ds, sampler):
     q = ds.queries["test"][0]
-    with pytest.raises(ValueError, match="'popular'.*uniform, popularity, hard"):
+    with pytest.raises(ValueError, match="'popular'.*uniform, popularity, matched, hard"):
         sampler.sample(q, negatives="popular")
     with pytest.raises(ValueError, match="choose from"):  # checked even in open generation
         build_candidates(q, ds, num_candidates=0, negatives="Uniform")
 
 
-def test_uniform_mode_is_the_old_sampler_draw_for_draw(ds, sampler):
-    """Candidate sets of runs made before the modes existed (issue 15) are reproducible."""
-    q = ds.queries["test"][0]
+def test_uniform_and_popularity_modes_are_the_old_draws(ds, sampler):
+    """Candidate sets of runs made before the modes existed (issue 15), and of runs made with the
+    "popularity" default before issue 23, are reproducible: the query that was the bundled set's
+    test-explicit-00000 (a draw depends on its id and content, not on the split it sits in)."""
+    text = "Recommend me movies directed by Ada Bell, from the 1960s, in English, please."
+    q = replace(next(x for x in ds.all_queries() if x.text == text), query_id="test-explicit-00000")
+    assert sampler.sample(q, 20, 0, 0, "popularity")[:10] == [
+        "m0580", "m0220", "m0084", "m0273", "m0260", "m0027", "m0391", "m0405", "m0262", "m0032"]
     assert sampler.sample(q, 20, 0, 0, "uniform") == [
         "m0113", "m0128", "m0084", "m0493", "m0484", "m0075", "m0487", "m0450", "m0367", "m0373",
         "m0570", "m0514", "m0501", "m0545", "m0551", "m0549", "m0163", "m0350", "m0370", "m0371"]
@@ -218,6 +224,56 @@ def test_popularity_negatives_come_from_the_answers_stratum(ds, sampler):
     assert gap("popularity") < 0.05 < 0.2 < gap("uniform")
     # the strata are quantile bins of the whole catalogue: ranks sort the interaction counts
     assert np.all(np.diff(ds.popularity[sampler.by_popularity]) >= 0)
+
+
+@pytest.mark.parametrize("hard_negatives", [0, 3])
+def test_matched_negatives_put_the_answer_at_a_uniform_rank(ds, sampler, hard_negatives):
+    """"matched" (the default): the number of negatives with more interactions than the answer is
+    uniform over 0..M-1 (so is the answer's rank for a popularity ranking), none ties the answer,
+    and they sit near it in popularity. Queries whose answer has fewer than M-1 allowed items above
+    it (the top of the catalogue) are left out: there the rank cannot reach the top places; so are
+    those whose hard pool is too small to give its negatives without the answer's ties."""
+    M, counts = 8, ds.popularity
+    above = {}
+    for t in range(10):
+        for q in ds.all_queries()[::2]:
+            a = ds.item_index[q.ground_truth[0]]
+            allowed, hard = sampler.pools(q)
+            if (allowed & (counts > counts[a])).sum() < M - 1 or (allowed & (counts < counts[a])).sum() < M - 1 \
+                    or (hard & (counts != counts[a])).sum() < hard_negatives:  # (a hard pool that small lends ties)
+                continue
+            negs = [ds.item_index[i] for i in _negatives(q, sampler.sample(q, M, hard_negatives, t, "matched"))]
+            assert len(negs) == M - 1 and all(counts[n] != counts[a] for n in negs)
+            j = sum(counts[n] > counts[a] for n in negs)
+            above[j] = above.get(j, 0) + 1
+    n = sum(above.values())
+    assert n > 3000 and sorted(above) == list(range(M))
+    assert all(abs(v / n - 1 / M) < 0.025 for v in above.values()), above  # ~4 standard errors
+    # bins, for comparison, are not uniform: an answer's place in its bin is fixed by the grid
+    rank, size = sampler.popularity_rank, len(ds.item_ids)
+
+    def gap(mode):
+        return np.median([np.median([abs(rank[ds.item_index[i]] - rank[ds.item_index[q.ground_truth[0]]]) / size
+                                     for i in _negatives(q, sampler.sample(q, 20, 0, 0, mode))])
+                          for q in ds.queries["test"]])
+
+    assert gap("matched") < 0.05 < 0.2 < gap("uniform")
+
+
+def test_beside_takes_each_side_from_its_nearest_window_and_lends_what_it_lacks(ds, sampler):
+    import random
+    counts, order = ds.popularity, sampler.by_popularity  # least interacted first
+    everything = np.ones(len(order), bool)
+    mid = int(order[len(order) // 2])
+    rows = sampler.beside(everything, mid, 3, 4, 10, random.Random(0))
+    up = [r for r in rows if counts[r] > counts[mid]]
+    down = [r for r in rows if counts[r] < counts[mid]]
+    assert len(rows) == 7 and len(up) == 3 and len(down) == 4  # and none ties the middle item
+    assert set(up) <= set(order[counts[order] > counts[mid]][:10])  # the 10 nearest above
+    assert set(down) <= set(order[counts[order] < counts[mid]][::-1][:10])  # the 10 nearest below
+    top = int(order[-1])
+    rows = sampler.beside(everything, top, 5, 2, 10, random.Random(0))  # nothing above the top: all below
+    assert len(rows) == 7 and all(counts[r] < counts[top] for r in rows)
 
 
 def test_stratum_narrowest_bin_with_enough_items(ds, sampler):

@@ -18,7 +18,7 @@ from rerec_mini import ask
 from rerec_mini.config import BUNDLED_DATA
 from rerec_mini.data import load_dataset
 from rerec_mini.model import load_model, smollm2_gguf_path
-from rerec_mini.prompts import CandidateSampler
+from rerec_mini.prompts import DEFAULT_NEGATIVES, CandidateSampler
 
 REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("gguf") is None:
@@ -132,7 +132,7 @@ def test_ask_a_dataset_query_with_the_checkpoint_settings(trained, capsys):
     ds = load_dataset(BUNDLED_DATA)
     q = next(q for q in ds.queries["test"] if q.query_id == "test-explicit-00000")
     # the training run's candidate set (3 candidates, same seed and negatives) and attributes (auto)
-    cands = CandidateSampler(ds).sample(q, 3, 0, 0, "popularity")
+    cands = CandidateSampler(ds).sample(q, 3, 0, 0, DEFAULT_NEGATIVES)
     assert "candidates  3: " + " | ".join(ds.items[i].title for i in cands) in text
     assert "conditions  " + "; ".join(f"{r}: {v}" for r, v in q.conditions) in text
     assert f"Request: {q.text}" in text and "<|im_start|>assistant" in text
@@ -150,7 +150,7 @@ def synth():
 
 def test_named_conditions_read_the_catalogue_vocabulary(synth):
     ds, vocab = synth
-    q = ds.queries["test"][0]  # "Recommend me movies directed by Ada Bell, from the 1960s, in English, please."
+    q = ds.queries["test"][0]  # "Recommend me Comedy movies written by Ines Orme, please."
     assert ask.named_conditions(q.text, vocab) == q.conditions
     assert ask.named_conditions("some westerns, Horror or comedy", vocab) == \
         [("genre", "Western"), ("genre", "Horror"), ("genre", "Comedy")]

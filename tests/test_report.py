@@ -40,7 +40,6 @@ def test_readme_states_the_demo_range_the_report_prints():
     for evaluation in report.DEMO_EXPECTED.values():
         for lo, hi in evaluation.values():
             assert f"{lo:.3f}–{hi:.3f}" in text, (lo, hi)
-    assert "to be re-measured" in text  # the figures predate the leak-free split (issue 23)
 
 
 def test_the_demo_is_recognised_up_to_its_seed_and_how_it_runs():

@@ -353,3 +353,17 @@ def test_a_run_from_our_checkpoint_keeps_its_prompt_format_unless_told(micro_mod
     assert saved["max_completion_length"] == 8 and saved["num_candidates"] == 4  # the checkpoint's; the flag's
     line = next(l for l in stdout.splitlines() if l.strip().startswith("prompt"))
     assert "request_last=True" in line and "show_attributes=genre" in line and "num_candidates" not in line
+
+
+def test_the_banner_counts_what_held_out_queries_share_with_training(micro_model, tmp_path, capsys):
+    """0 / 0 / 0 on the bundled set; a training query that repeats a test query shows in the counts."""
+    import shutil
+    code, stdout, _ = run_cli(micro_flags(micro_model, tmp_path / "a", max_steps=1), capsys)
+    assert code == 0 and "held-out  test queries sharing with train: conditions 0, group 0, answers 0\n" in stdout
+    data = tmp_path / "data"
+    shutil.copytree(BUNDLED_DATA, data)
+    first_test = (data / "queries" / "test.jsonl").read_text().splitlines()[0]  # an explicit query
+    with open(data / "queries" / "train.jsonl", "a") as f:
+        f.write(first_test.replace('"test-', '"leak-') + "\n")
+    code, stdout, _ = run_cli(micro_flags(micro_model, tmp_path / "b", max_steps=1, data=data), capsys)
+    assert code == 0 and "sharing with train: conditions 1, group 0, answers 1  (per type: " in stdout

@@ -23,6 +23,7 @@ from rerec_mini.sources import (
     load_movielens,
     read_users,
 )
+from rerec_mini.splits import overlaps
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 HAS_REAL = (REAL / "ml-1m" / "movies.dat").exists() and (REAL / "kg" / "movies_extrainfos.dat").exists()
@@ -284,6 +285,10 @@ def test_convert_hand_made_records(tmp_path, small_ml):
     assert rep["explicit: skipped records: no ground-truth title in MovieLens"] == 1
     split_of = {q.query_id: s for s, lst in splits.items() for q in lst}
     assert split_of[ex[0].query_id] == split_of[ex[1].query_id]
+    # the split is kept as converted (not by component); the report counts what it shares
+    for t, row in overlaps(splits["train"], splits["test"]).items():
+        assert rep[f"overlap: {t} test queries whose (type, ground-truth set) a training query has"] == row["answers"]
+    assert any(k.startswith("overlap: explicit test queries whose (type, condition set)") for k in rep.counts)
 
     # implicit: the confirmed hop is kept; the unconfirmed record is skipped and counted.
     (im,) = by_type["implicit"]
@@ -400,3 +405,7 @@ def test_real_recbench_demographics(tmp_path):
     labels = {v for u in ds.users.values() for v in (u.gender, u.age, u.occupation)}
     assert all(v in labels for q in qs for v in q.group.value.split(", "))
     assert 0.15 < len(ds.queries["test"]) / len(qs) < 0.25
+    # the converter keeps its split (by query for demographic records): test groups repeat training
+    # ones, and the report says how many
+    shared = overlaps(ds.queries["train"], ds.queries["test"])["demographic"]
+    assert rep["overlap: demographic test queries whose group a training query has"] == shared["group"] > 0

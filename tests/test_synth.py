@@ -157,19 +157,25 @@ def test_describe_reads_naturally():
 
 
 def test_fresh_queries_are_new_questions_and_deterministic():
-    """--sft-fresh: warm-start queries generated from the dataset itself, none the same question
-    (type, conditions, anchor, interest target) as a train or test query."""
+    """--sft-fresh: warm-start queries generated from the dataset itself, none linked to a train or
+    test query (the same condition set, group or answer set: what the split keeps apart), and no
+    two of them the same question (type, conditions, anchor, interest target)."""
     from rerec_mini.querygen import fresh_queries, signature
+    from rerec_mini.splits import link_keys
     ds = load_dataset(Path(__file__).resolve().parents[1] / "data" / "synth-movies")
     hist = {u: ds.history(u) for u in ds.interactions.user_ids}
     args = (list(ds.items.values()), hist, ds.users)
     a = fresh_queries(*args, per_type=60, seed=3, exclude=ds.all_queries())
     b = fresh_queries(*args, per_type=60, seed=3, exclude=ds.all_queries())
     assert [q.to_json() for q in a] == [q.to_json() for q in b]
-    taken = {signature(q) for q in ds.all_queries()}
-    assert a and not any(signature(q) in taken for q in a)
+    taken = {link for q in ds.all_queries() for link in link_keys(q).items()}
+    assert a and not any(taken & set(link_keys(q).items()) for q in a)
     assert len({signature(q) for q in a}) == len(a)  # no two alike either
-    assert {q.type for q in a} >= {"explicit", "implicit", "misinformed", "interest"}
+    assert {q.type for q in a} == {"explicit", "implicit", "misinformed", "interest"}  # every group is taken
+    # a group no dataset query names is fair game
+    some = [q for q in ds.all_queries() if not (q.type == "demographic" and q.group.value == "male")]
+    assert any(q.type == "demographic" and q.group.value == "male"
+               for q in fresh_queries(*args, per_type=60, seed=3, exclude=some))
     assert all(q.gold_reasoning and q.ground_truth for q in a)
     # the signature tells wording apart from the question: same conditions, other text -> same signature
     q = next(q for q in ds.queries["train"] if q.type == "explicit")
