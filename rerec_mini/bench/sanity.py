@@ -5,7 +5,7 @@
     python -m rerec_mini.bench sanity --out DIR         # sanity.json and sanity.png there
 
 A one-layer model is trained from scratch on the bundled dataset. A short SFT teaches only the
-answer format: its target is \\boxed{} around a candidate drawn at random (--sft-target format), so
+answer format: its target is \\boxed{} around a candidate drawn at random (--sft-source format), so
 it says nothing about which candidate to name. RL then rewards one that no label encodes
 (example_rewards.py): by default the candidate with the SHORTEST title (every title is one token to
 this model, so it cannot see lengths: it must learn them from the reward), or with --reward last the
@@ -194,9 +194,10 @@ def plot(res: dict, path: Path) -> Path | None:
         ax.plot([st for st, _ in curve], [r for _, r in curve], marker="o", label=arm)
     ax.axhline(res["chance"], color="grey", linestyle=":", label="chance")
     ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out rate: boxes the last candidate")
+    reward = res.get("settings", {}).get("reward", "target")
+    ax.set_ylabel(f"held-out rate: boxes the {reward} candidate", fontsize=9)
     ax.set_ylim(0, 1)
-    ax.set_title("Does the RL learn? real vs shuffled rewards")
+    ax.set_title(f"Does the RL learn? reward: {reward}; real vs shuffled")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
