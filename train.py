@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
         if f.type in (bool, "bool"):  # --flag, and --no-flag where it can be on without it
             action = argparse.BooleanOptionalAction if negatable(f.name) else "store_true"
             g.add_argument(*flags, dest=f.name, action=action, help=help_)
+        elif f.metadata.get("append"):  # --reward-fn M:F, repeatable
+            g.add_argument(*flags, dest=f.name, action="append", metavar=f.metadata["metavar"], help=help_)
         elif "nargs" in f.metadata:  # --resume [PATH]
             g.add_argument(*flags, dest=f.name, nargs=f.metadata["nargs"], const=f.metadata["const"], metavar="PATH",
                            help=help_)

@@ -90,6 +90,17 @@ class Config:
     no_qas: bool = _opt(False, "ablation: drop the query-alignment (item-attribute graph) reward")
     no_pas: bool = _opt(False, "ablation: drop the preference-alignment (interaction graph) reward")
     reward_weights: str = _opt("0.1,1.0,0.1,0.1", "weights of format,rec,qas,pas (the release used 0.01 for qas,pas)")
+    # your own reward terms (user_rewards.py) and the control every RL claim needs
+    reward_fn: list = field(default_factory=list, metadata={
+        "help": "a reward function of yours, TRL-style (repeatable): called per batch with prompts, completions, "
+                "query, candidates, answer, ... as keyword arguments, returns a float (or None) per completion; "
+                "logged as rewards/<name>/mean. Examples: rerec_mini.example_rewards:last_candidate, "
+                "rerec_mini.example_rewards:shortest_title", "append": True, "metavar": "MODULE:FUNCTION"})
+    reward_fn_weights: str = _opt("", "weights of the --reward-fn terms in their order, comma-separated (1 each)")
+    no_builtin_rewards: bool = _opt(False, "the --reward-fn terms are the whole reward: format, NDCG, QAS, PAS weigh "
+                                           "0 (still logged) and RAAE, which reads the ground truth, is off")
+    shuffle_rewards: bool = _opt(False, "control: permute the rewards across the batch's rollouts before the "
+                                        "advantages (seeded per step; RAAE off): nothing should be learnt")
     # the task
     num_candidates: int = _opt(20, "candidates per prompt (1 correct + negatives); 0 = open generation")
     negatives: str = _opt(DEFAULT_NEGATIVES, "how negatives are drawn: uniform over the catalogue, from the ground "
@@ -110,7 +121,9 @@ class Config:
     sft_steps: int = _opt(0, "SFT steps on gold reasoning before RL (needed by from-scratch models)")
     sft_source: str = _opt("gold", "SFT targets: the gold reasoning, or self: the model's own correct answers "
                                    "(rejection-sampling fine-tuning: --num-generations samples per query at "
-                                   "--temperature, the distinct ones that hit and end kept)", choices=("gold", "self"))
+                                   "--temperature, the distinct ones that hit and end kept), or format: only "
+                                   "\\boxed{a candidate drawn at random}, the answer format and nothing about which "
+                                   "item", choices=("gold", "self", "format"))
     sft_learning_rate: float = _opt(1e-5, "AdamW learning rate of the SFT warm start")
     sft_lr_decay: bool = _opt(False, "SFT: after the warmup, decay the learning rate (cosine) to 0 at --sft-steps")
     sft_batch_size: int = _opt(16, "queries per SFT step")
@@ -273,9 +286,17 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.tiny_hidden > 0 and cfg.tiny_hidden % (2 * cfg.tiny_heads) == 0, "tiny_hidden",
          f"must be a positive multiple of 2 x --tiny-heads {cfg.tiny_heads} (rotary positions need an even head size)")
     need(cfg.tiny_vocab >= 300, "tiny_vocab", "must be >= 300 (256 bytes + special tokens + merges)")
+    need(not cfg.no_builtin_rewards or bool(cfg.reward_fn), "no_builtin_rewards",
+         "needs at least one --reward-fn MODULE:FUNCTION (without either the reward is 0)")
     w = reward_weights(cfg)
     warnings = []
-    if w[1] == 0:
+    if cfg.shuffle_rewards:
+        warnings.append("--shuffle-rewards: the control run; the advantages see the rewards permuted across the "
+                        "batch, so nothing should be learnt")
+    if cfg.no_builtin_rewards and cfg.curriculum != "none" and cfg.difficulty_metric == "rec":
+        warnings.append(f"--no-builtin-rewards with --curriculum {cfg.curriculum}: difficulty is still measured by "
+                        "NDCG, which the reward no longer asks for (--difficulty-metric reward, or --curriculum none)")
+    if w[1] == 0 and not cfg.no_builtin_rewards:
         warnings.append("--reward-weights gives NDCG weight 0: the reward no longer asks for the right item")
     if cfg.num_candidates and cfg.hard_negatives >= cfg.num_candidates:
         warnings.append(f"--hard-negatives {cfg.hard_negatives} >= --num-candidates {cfg.num_candidates}: "

@@ -26,6 +26,8 @@ from .data import QUERY_TYPES, Dataset, Query
 from .prompts import DEFAULT_NEGATIVES, CandidateSampler, render_prompt
 from .rewards import Scorer
 from .sampling import generate
+from .user_rewards import RewardFn, columns, scored_mean
+from .user_rewards import evaluate as call_reward_fns
 
 # Prompt settings of eval.py and ask: flag > the checkpoint's training config > these (a base model):
 # train.py's defaults for the prompt format, and the seed that draws the candidates.
@@ -148,12 +150,14 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
                     prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
-                    progress: bool = True, pool=None) -> dict:
+                    progress: bool = True, pool=None, reward_fns: Sequence[RewardFn] = ()) -> dict:
     """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
 
     {"overall", "by_type"} as `summarise`, plus "reference" (see `shortcut_reference`) and
     "samples": every query with its candidates, ground truth, response, parsed answer, hit flag
-    and reward terms (`sample_records`). pool: the sampler's DecoderPool (CUDA graphs reused)."""
+    and reward terms (`sample_records`). pool: the sampler's DecoderPool (CUDA graphs reused).
+    reward_fns (--reward-fn): each one's mean over the answers joins "overall" and "by_type" as
+    rewards/<name>/mean (over the answers it scored), and each sample's "reward" holds its value."""
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
@@ -164,6 +168,17 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     result = summarise(queries, candidates, scored, lens)
     result["reference"] = shortcut_reference(ds, queries, candidates, scorer, seed)
     result["samples"] = sample_records(ds, queries, candidates, texts, scored)
+    if reward_fns:
+        prompt_texts = [tokenizer.decode(p) for p in prompts]
+        values = call_reward_fns(reward_fns, columns(ds, queries, candidates, prompt_texts, texts, [None] * len(texts),
+                                                     scored.parsed))
+        types = np.array([q.type for q in queries])
+        for name, v in values.items():
+            result["overall"][f"rewards/{name}/mean"] = scored_mean(v)
+            for t, row in result["by_type"].items():
+                row[f"rewards/{name}/mean"] = scored_mean(v[types == t])
+            for rec, x in zip(result["samples"], v):
+                rec["reward"][name] = None if np.isnan(x) else float(x)
     return result
 
 

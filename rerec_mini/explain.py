@@ -58,7 +58,7 @@ from .data import Dataset, Query
 from .grpo import StepNorm, loss_type_name, policy_loss
 from .model import resolve_model_dir, token_logprobs
 from .prompts import parse_answer
-from .run import assumed_settings, build_tiny_start, open_dataset, pick_device, training_state
+from .run import assumed_settings, build_tiny_start, check_reward_fns, open_dataset, pick_device, training_state
 from .trainer import Batch, Trainer
 
 # ----------------------------------------------------------------------------- what is explained
@@ -98,6 +98,8 @@ class RolloutView:
     trained: bool  # in the update (not masked as truncated, not empty)
     loss_share: float = 0.0  # this rollout's term of the step's loss
     kl: float = 0.0  # mean k3 KL to the reference over its tokens (0 when beta = 0)
+    user: dict[str, float | None] = field(default_factory=dict)  # --reward-fn name -> its value (None: skipped)
+    reward_used: float | None = None  # the reward A_i was computed from (--shuffle-rewards: another rollout's)
 
     @property
     def normal_advantage(self) -> float | None:
@@ -143,6 +145,7 @@ class Explanation:
     loss_type: str
     step_loss: float  # the sum of the shares: the loss this step would backpropagate
     notes: list[str] = field(default_factory=list)
+    user_weights: dict[str, float] = field(default_factory=dict)  # --reward-fn name -> its weight
 
 
 # ----------------------------------------------------------------------------- computing it
@@ -267,9 +270,12 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
     `tr.rollout(queries=[q])` to explain instead of sampling a new one (it must not be scored yet)."""
     cfg, ds, G = tr.cfg, tr.ds, tr.cfg.num_generations
     notes = list(notes or [])
+    if cfg.shuffle_rewards:
+        notes.append("--shuffle-rewards (the control): each advantage is computed from another rollout's reward")
     b = batch if batch is not None else tr.rollout(queries=[q])
     r = tr.score(b)
     adv = tr.advantages(b, r)
+    used = tr.advantage_rewards(r)  # what the advantages saw (permuted under --shuffle-rewards)
     d = tr.difficulties(r)[0]
     shares, kls, norm, trained = loss_shares(tr, b, adv.tokens)
     _, mean, scale = raae.sequence_advantages(r.total, G, cfg.scale_rewards)
@@ -290,14 +296,17 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
             in_candidates=top is not None and (cands is None or top in cands), hallucinated=int(r.n_hallucinated[k]),
             format=float(r.format[k]), rec=float(r.rec[k]), qas=float(r.qas[k]), pas=float(r.pas[k]),
             total=float(r.total[k]), advantage=float(adv.sequence[k]), token_advantages=toks, penalised=pen,
-            spans=b.spans[k], trained=k in trained, loss_share=float(shares[k]), kl=float(kls[k])))
+            spans=b.spans[k], trained=k in trained, loss_share=float(shares[k]), kl=float(kls[k]),
+            user={name: None if np.isnan(v[k]) else float(v[k]) for name, v in r.user.items()},
+            reward_used=float(used[k])))
     sc = tr.scorer.config
     settings = {k: getattr(cfg, k) for k in (
         "num_generations", "temperature", "top_p", "max_completion_length", "num_candidates", "negatives",
         "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "prompt_examples", "seed",
         "no_raae",
         "raae_penalty", "raae_floor", "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon",
-        "epsilon_high", "tis_cap", "keep_truncated", "curriculum", "tau", "difficulty_metric")}
+        "epsilon_high", "tis_cap", "keep_truncated", "curriculum", "tau", "difficulty_metric", "no_builtin_rewards",
+        "shuffle_rewards")}
     settings["step"] = tr.step_no
     return Explanation(
         model=cfg.model, settings=settings, weights=(sc.w_format, sc.w_rec, sc.w_qas, sc.w_pas), query=q,
@@ -305,7 +314,7 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
         prompt=tr.tokenizer.decode(b.prompt_ids[0], skip_special_tokens=False), rollouts=rollouts,
         group_mean=float(mean[0]), group_scale=float(scale[0]), flat=bool(adv.flat_groups), difficulty=float(d),
         curriculum=curriculum_view(tr, q, d), norm=norm, loss_type=loss_type_name(cfg.loss_type),
-        step_loss=float(shares.sum()), notes=notes)
+        step_loss=float(shares.sum()), notes=notes, user_weights={f.name: f.weight for f in tr.reward_fns})
 
 
 # ----------------------------------------------------------------------------- a typed request
@@ -389,10 +398,26 @@ def _answer_line(ro: RolloutView) -> str:
     return f"{box} -> {title} ({where}, {verdict}{extra})"
 
 
+def _formula(ex: Explanation) -> str:
+    """'0.1*format + 1*rec + 0.1*qas + 0.1*pas + 1*last_candidate': what a rollout's total adds up."""
+    w = ex.weights
+    terms = [] if ex.settings["no_builtin_rewards"] else \
+        [f"{w[0]:g}*format", f"{w[1]:g}*rec", f"{w[2]:g}*qas", f"{w[3]:g}*pas"]
+    terms += [f"{wt:g}*{name}" for name, wt in ex.user_weights.items()]
+    return " + ".join(terms) + (" (built-in terms off)" if ex.settings["no_builtin_rewards"] else "")
+
+
+def _user_terms(ro: RolloutView) -> str:
+    """'  last_candidate +1.000' for each --reward-fn ('skipped' where it returned None)."""
+    return "".join(f"  {name} " + ("skipped" if v is None else f"{v:+.3f}") for name, v in ro.user.items())
+
+
 def _adv_line(ro: RolloutView, ex: Explanation) -> str:
     n_pen = int(ro.penalised.sum())
+    r = ro.total if ro.reward_used is None else ro.reward_used
+    shuffled = " (--shuffle-rewards: another rollout's reward)" if ex.settings["shuffle_rewards"] else ""
     parts = ["flat group: A_i = 0" if ex.flat else
-             f"A_i = (r - mean) / s = ({ro.total:+.4f} - ({ex.group_mean:+.4f})) / {ex.group_scale:.4f} "
+             f"A_i = (r - mean) / s = ({r:+.4f}{shuffled} - ({ex.group_mean:+.4f})) / {ex.group_scale:.4f} "
              f"= {ro.advantage:+.3f}"]
     parts.append(f"tokens: {len(ro.penalised) - n_pen} at {_fmt(ro.normal_advantage)}"
                  + (f", {n_pen} penalised at {_fmt(ro.penalised_advantage)}" if n_pen else ""))
@@ -402,7 +427,7 @@ def _adv_line(ro: RolloutView, ex: Explanation) -> str:
 def render_text(ex: Explanation, color: bool = False) -> str:
     """The report for a terminal (ANSI colour when `color`)."""
     p = _paint(color)
-    s, w = ex.settings, ex.weights
+    s = ex.settings
     out = [p(f"rerec-mini explain: one ReRec step for one query  (model {ex.model}, step {s['step']}, "
              f"G={s['num_generations']}, temperature {s['temperature']:g}, seed {s['seed']})", "bold")]
     out += [p("note: " + n, "yellow") for n in ex.notes]
@@ -420,8 +445,7 @@ def render_text(ex: Explanation, color: bool = False) -> str:
 
     rule = "off" if s["no_raae"] else f"{s['raae_advantage']}, penalty {s['raae_penalty']:g}" + \
         (", + false claims" if s["raae_claims"] else "")
-    out += ["", p(f"ROLLOUTS  reward = {w[0]:g}*format + {w[1]:g}*rec + {w[2]:g}*qas + {w[3]:g}*pas; RAAE {rule}",
-                  "bold")]
+    out += ["", p(f"ROLLOUTS  reward = {_formula(ex)}; RAAE {rule}", "bold")]
     for k, ro in enumerate(ex.rollouts, 1):
         head = f" #{k}  total {ro.total:+.4f}   A_i {ro.advantage:+.3f}   " + ("HIT" if ro.hit else "miss")
         out.append(p(head, "green" if ro.hit else "red" if ro.format < 0 else "bold"))
@@ -435,7 +459,7 @@ def render_text(ex: Explanation, color: bool = False) -> str:
                 out.append(f"   [{j}]   {piece}")
         out.append(f"   answer  {_answer_line(ro)}")
         out.append(f"   reward  format {ro.format:+.2f}  rec {ro.rec:+.3f}  qas {ro.qas:.3f}  pas {ro.pas:.3f}"
-                   f"  -> total {ro.total:+.4f}")
+                   f"{_user_terms(ro)}  -> total {ro.total:+.4f}")
         out.append(f"   advant. {_adv_line(ro, ex)}")
         out.append(f"   loss    share {ro.loss_share:+.5f}" + (f", KL {ro.kl:.4f}" if s["beta"] else "")
                    if ro.trained else "   loss    masked: not trained on (" +
@@ -507,7 +531,7 @@ def _tokens_html(ro: RolloutView, scale: float) -> str:
 
 def render_html(ex: Explanation) -> str:
     """The report as one self-contained page: inline CSS, no script, no network."""
-    e, s, w = html.escape, ex.settings, ex.weights
+    e, s = html.escape, ex.settings
     scale = max([abs(float(x)) for ro in ex.rollouts for x in ro.token_advantages] + [1e-9])
     h = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
          f"<title>rerec-mini explain: {e(ex.query.query_id)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
@@ -526,7 +550,7 @@ def render_html(ex: Explanation) -> str:
     h += ["<p>The prompt as the model saw it:</p>", f'<pre class="prompt">{e(ex.prompt)}</pre>']
 
     h += ["<h2>Rollouts</h2>",
-          f"<p>reward = {w[0]:g}&middot;format + {w[1]:g}&middot;rec + {w[2]:g}&middot;qas + {w[3]:g}&middot;pas. "
+          f"<p>reward = {e(_formula(ex)).replace('*', '&middot;')}. "
           "Tokens are coloured by their advantage (green &gt; 0, red &lt; 0); tokens of wrong RAAE segments are "
           "outlined. Hover a token for its advantage.</p>"]
     for k, ro in enumerate(ex.rollouts, 1):
@@ -541,8 +565,8 @@ def render_html(ex: Explanation) -> str:
                      if seg.wrong else f"<li>{piece}</li>")
         h.append("</ol>")
         h.append(f"<p>answer: {e(_answer_line(ro))}</p>")
-        h.append(f"<p>reward: format {ro.format:+.2f}, rec {ro.rec:+.3f}, qas {ro.qas:.3f}, pas {ro.pas:.3f} "
-                 f"&rarr; total {ro.total:+.4f}<br>advantage: {e(_adv_line(ro, ex))}<br>"
+        h.append(f"<p>reward: format {ro.format:+.2f}, rec {ro.rec:+.3f}, qas {ro.qas:.3f}, pas {ro.pas:.3f}"
+                 f"{e(_user_terms(ro))} &rarr; total {ro.total:+.4f}<br>advantage: {e(_adv_line(ro, ex))}<br>"
                  + (f"loss share {ro.loss_share:+.5f}" + (f", KL {ro.kl:.4f}" if s["beta"] else "")
                     if ro.trained else "not trained on (masked)") + "</p>")
         h.append("</div>")
@@ -572,7 +596,8 @@ def render_html(ex: Explanation) -> str:
 # The Config fields explain takes as flags (train.py's names): what shapes one step of one query.
 FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completion_length", "temperature", "top_p",
          "num_candidates", "negatives", "hard_negatives", "show_attributes", "history_len", "answer_size",
-         "request_last", "prompt_examples", "reward_weights", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
+         "request_last", "prompt_examples", "reward_weights", "reward_fn", "reward_fn_weights", "no_builtin_rewards",
+         "shuffle_rewards", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
          "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap",
          "keep_truncated", "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden",
          "tiny_heads", "tiny_kv_heads", "tiny_vocab", "tiny_units", "tiny_kind_init")
@@ -595,6 +620,8 @@ def parser() -> argparse.ArgumentParser:
         if f.type in (bool, "bool"):
             action = argparse.BooleanOptionalAction if negatable(name) else "store_true"
             p.add_argument(flag, dest=name, action=action, help=help_)
+        elif f.metadata.get("append"):  # --reward-fn, repeatable
+            p.add_argument(flag, dest=name, action="append", metavar=f.metadata["metavar"], help=help_)
         else:
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
             p.add_argument(flag, dest=name, type=kind, choices=f.metadata.get("choices"), help=help_)
@@ -635,6 +662,7 @@ def setup(argv, stack: ExitStack) -> tuple[Trainer, Query, list[str], argparse.N
         print(warning, file=sys.stderr)
     if not ds.queries.get("train"):
         raise UsageError(f"--data {cfg.data}: no training queries")
+    check_reward_fns(cfg, ds)
     notes: list[str] = []
     if getattr(args, "text", None):
         q, assumed = text_query(args.text, ds)

@@ -44,6 +44,7 @@ class RewardBreakdown:
     n_entries: np.ndarray  # int: entries in the box (0 without a box)
     n_hallucinated: np.ndarray  # int: entries that matched no catalogue item
     parsed: list[list[str]] = field(default_factory=list)  # matched item ids, repeats dropped (all, not only k)
+    user: dict[str, np.ndarray] = field(default_factory=dict)  # --reward-fn name -> [N] values (NaN: skipped)
 
     def as_dict(self) -> dict[str, float]:
         """Batch means for logging."""

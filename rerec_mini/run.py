@@ -39,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import user_rewards
 from .cli import progress
 from .config import HARMLESS, PROMPT_FORMAT, Config, UsageError, differences, resolve_config, validate
 from .grpo import loss_type_name
@@ -155,6 +156,18 @@ def build_tiny_start(cfg: Config, ds: Dataset, path: Path) -> Path:
                       num_layers=cfg.tiny_layers, num_heads=cfg.tiny_heads, num_kv_heads=cfg.tiny_kv_heads,
                       intermediate_size=2 * cfg.tiny_hidden, seed=cfg.seed,
                       units=units if cfg.tiny_kind_init else sorted(units))
+
+
+def check_reward_fns(cfg: Config, ds: Dataset) -> None:
+    """--reward-fn: import each function and call it on a probe batch, before any work (user_rewards.py);
+    a UsageError (one line naming the function) when one cannot be loaded or returns something unusable."""
+    try:
+        user_rewards.probe(user_rewards.load_all(cfg.reward_fn, cfg.reward_fn_weights), ds, cfg.num_candidates,
+                           seed=cfg.seed, negatives=cfg.negatives,
+                           show_attributes=tuple(a for a in cfg.show_attributes.split(",") if a),
+                           request_last=cfg.request_last)
+    except user_rewards.RewardFnError as e:
+        raise UsageError(str(e)) from None
 
 
 def dataset_hash(path: str | Path) -> str:
@@ -363,6 +376,7 @@ def prepare(flags: dict | Config) -> Plan:
     missing = [t for t in QUERY_TYPES if not any(q.type == t for q in ds.queries["train"])]
     if missing:
         warnings.append(f"no training queries of type {', '.join(missing)}")
+    check_reward_fns(cfg, ds)
     data_hash = dataset_hash(cfg.data)
     if resume:
         saved_hash = json.loads((out / "train_config.json").read_text()).get("data_hash") \

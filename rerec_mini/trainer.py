@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import raae
+from . import raae, user_rewards
 from .config import Config, reward_weights
 from .curriculum import difficulty, make_curriculum
 from .data import Dataset, Query
@@ -116,9 +116,11 @@ class Trainer:
         if cfg.beta != 0 and reference_dir is not None:
             self.ref = self._frozen(load_model(str(reference_dir), device=torch.device("cpu"), dtype=torch.float32))
 
-        w_fmt, w_rec, w_qas, w_pas = reward_weights(cfg)
+        w_fmt, w_rec, w_qas, w_pas = (0.0,) * 4 if cfg.no_builtin_rewards else reward_weights(cfg)
         self.scorer = Scorer(ds, RewardConfig(w_format=w_fmt, w_rec=w_rec, w_qas=0.0 if cfg.no_qas else w_qas,
                                               w_pas=0.0 if cfg.no_pas else w_pas, k=cfg.answer_size))
+        # --reward-fn: the user's terms, added to the scorer's total (user_rewards.py)
+        self.reward_fns = user_rewards.load_all(cfg.reward_fn, cfg.reward_fn_weights)
         self.curriculum = make_curriculum(cfg.curriculum, len(self.train_queries), seed=cfg.seed, tau=cfg.tau,
                                           batch_size=cfg.batch_size, total_steps=cfg.max_steps)
         self.phase, self.step_no, self.sft_step_no, self.nan_streak = "sft", 0, 0, 0
@@ -227,6 +229,15 @@ class Trainer:
         return fresh_queries(list(ds.items.values()), histories, ds.users, per_type=per_type, seed=seed,
                              exclude=exclude)
 
+    def sft_target(self, q: Query, candidates: list[str] | None, step: int) -> str:
+        """What SFT teaches for q: its gold reasoning and answer, or with --sft-source format only
+        \\boxed{} around one of its candidates drawn at random: the answer format, and nothing about
+        which item to name (the ground truth is drawn at chance rate)."""
+        if self.cfg.sft_source != "format":
+            return render_sft_target(q, self.ds)
+        rng = random.Random(f"{self.cfg.seed}:format:{step}:{q.query_id}")
+        return f"\\boxed{{{self.ds.items[rng.choice(candidates or self.ds.item_ids)].title}}}"
+
     def sft_step(self) -> dict:
         """One teacher-forced step on gold reasoning, or with --sft-source self on the model's own
         correct answers (+ optionally an LM loss on the prompt, and on --sft-facts passages of
@@ -247,7 +258,7 @@ class Trainer:
         else:
             # The target ends with the token the chat template closes an assistant turn with
             # (<|im_end|>, Llama-3's <|eot_id|>): what the model must emit to stop.
-            rows = [(self.prompt_ids(q, c), self.tokenizer.encode(render_sft_target(q, self.ds), add_special_tokens=False)
+            rows = [(self.prompt_ids(q, c), self.tokenizer.encode(self.sft_target(q, c, s), add_special_tokens=False)
                      + [self.turn_end]) for q, c in batch]
         if not rows and not cfg.sft_facts:  # --sft-source self and not one right answer: nothing to learn from
             self.sft_step_no += 1
@@ -344,7 +355,14 @@ class Trainer:
             b.spans.append(spans)
         rep_q = [q for q in b.queries for _ in range(G)]
         rep_c = [c for c in b.candidates for _ in range(G)]
-        return self.scorer.score(rep_q, b.texts, rep_c)
+        r = self.scorer.score(rep_q, b.texts, rep_c)
+        if self.reward_fns:  # the user's terms join the total (with --no-builtin-rewards they are all of it)
+            prompts = [self.tokenizer.decode(p) for p in b.prompt_ids]
+            cols = user_rewards.columns(self.ds, rep_q, rep_c, [prompts[k // G] for k in range(len(b.texts))],
+                                        b.texts, b.completions, r.parsed)
+            r.user = user_rewards.evaluate(self.reward_fns, cols)
+            r.total = r.total + user_rewards.weighted_sum(self.reward_fns, r.user, len(r.total))
+        return r
 
     def wrong_segments(self, b: Batch, r: RewardBreakdown) -> list[list[tuple[int, int]]]:
         """Per rollout, the char spans of RAAE's wrong segments: the reasoning that mentions a wrong
@@ -353,18 +371,28 @@ class Trainer:
         out = []
         for k, text in enumerate(b.texts):
             wrong = []
-            if not cfg.no_raae and r.parsed[k]:
+            # RAAE reads the ground truth: off when the built-in terms are, and in the shuffled control
+            if not (cfg.no_raae or cfg.no_builtin_rewards or cfg.shuffle_rewards) and r.parsed[k]:
                 top = self.ds.items[r.parsed[k][0]]
                 claims = self.claims(b.queries[k // G], b.candidates[k // G], r.parsed[k]) if cfg.raae_claims else ()
                 wrong = raae.wrong_segments(text, top.title, bool(r.hit[k]), claims=claims)
             out.append(wrong)
         return out
 
+    def advantage_rewards(self, r: RewardBreakdown) -> np.ndarray:
+        """[N] the rewards the advantages are computed from: r.total, or with --shuffle-rewards (the
+        control) r.total permuted across the batch's B*G rollouts, so that no reward belongs to the
+        rollout that earned it. Seeded by (seed, step): a resumed run draws the same permutation."""
+        if not self.cfg.shuffle_rewards:
+            return r.total
+        return r.total[np.random.default_rng([self.cfg.seed, self.step_no, 24]).permutation(len(r.total))]
+
     def advantages(self, b: Batch, r: RewardBreakdown) -> raae.Advantages:
         """Token advantages per rollout: group-normalised, lowered on RAAE's wrong segments."""
         cfg = self.cfg
         penalised = [raae.in_spans(spans, wrong) for spans, wrong in zip(b.spans, self.wrong_segments(b, r))]
-        return raae.group_advantages(penalised, r.total, cfg.num_generations, penalty=cfg.raae_penalty,
+        rewards = self.advantage_rewards(r)  # --shuffle-rewards: permuted
+        return raae.group_advantages(penalised, rewards, cfg.num_generations, penalty=cfg.raae_penalty,
                                      scale=cfg.scale_rewards, floor=cfg.raae_floor, mode=cfg.raae_advantage)
 
     def difficulties(self, r: RewardBreakdown) -> list[float]:
@@ -560,6 +588,7 @@ class Trainer:
             "reward": float(np.mean(r.total)), "reward_std": float(groups.std(1).mean()),
             "rewards/format/mean": float(np.mean(r.format)), "rewards/rec/mean": float(np.mean(r.rec)),
             "rewards/qas/mean": float(np.mean(r.qas)), "rewards/pas/mean": float(np.mean(r.pas)),
+            **user_rewards.summary(r.user),
             "hit_rate": float(np.mean(r.hit)), "format_ok": float(np.mean(r.format > 0)),
             "hallucination_rate": float(np.sum(r.n_hallucinated)) / n_entries,
             "frac_reward_zero_std": adv.flat_groups / len(groups),
@@ -593,7 +622,7 @@ class Trainer:
                 num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
                 seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
                 request_last=cfg.request_last, prompt_examples=cfg.prompt_examples,
-                max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos,
+                max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos, reward_fns=self.reward_fns,
                 pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
         return {**result, "settings": settings}
 

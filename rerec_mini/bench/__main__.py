@@ -8,6 +8,7 @@ BENCHMARKS = {
     "scorer": "batched dual-graph scorer vs a per-rollout graph walk (rollouts/s)",
     "train": "per-phase time of one GRPO step, tokens/s, MFU",
     "gpu": "the GPU check: every GPU figure in one command (--smoke: the same paths on CPU)",
+    "sanity": "does the RL step learn? a reward no label encodes, real vs shuffled rewards (curve + PNG)",
 }
 
 
