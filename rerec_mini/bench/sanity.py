@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import ArgumentParser
 from ..config import BUNDLED_DATA, Config, validate
 from ..data import load_dataset
 from ..run import build_tiny_start
@@ -212,8 +213,8 @@ def plot(res: dict, path: Path) -> Path | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rerec_mini.bench sanity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rerec_mini.bench sanity", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".", help="directory for sanity.json and sanity.png [.]")
     p.add_argument("--no-control", action="store_true", help="run the real arm only")
     for f in fields(Sanity):
