@@ -74,8 +74,9 @@ class Config:
     ref_offload: bool = _opt(False, "keep the reference model on the CPU between uses (GPU memory)")
     logprob_chunk: int = _opt(1024, "tokens per chunk of the log-prob head (memory)")
     share_prompt: str = _opt("auto", "update: compute each prompt once for its G rollouts instead of once per rollout "
-                                     "(same loss and gradients); auto: on when (G-1) x mean prompt length >= mean "
-                                     "completion length, where it measured faster", choices=("auto", "on", "off"))
+                                     "(same loss and gradients); auto: on the CPU when (G-1) x mean prompt length >= "
+                                     "mean completion length, off on CUDA (where it measured slower)",
+                       choices=("auto", "on", "off"))
     # ReRec's components and their ablation switches
     curriculum: str = _opt("buckets", "query sampler", choices=("none", "paper", "buckets"))
     tau: float = _opt(0.1, "difficulty below which a query counts as mastered (retired)")

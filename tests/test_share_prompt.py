@@ -164,3 +164,17 @@ def test_shared_prompt_on_a_two_layer_slice_of_smollm2(tmp_path, ds, monkeypatch
     tr = make_trainer(part, tmp_path / "run", ds, micro_batch_size=3, max_completion_length=8)
     b, adv = a_batch(tr)
     check_equal(tr, b, adv, monkeypatch, rtol=1e-5)
+
+
+def test_auto_shares_on_the_cpu_where_prompts_are_long_and_never_on_cuda(micro_model, tmp_path, ds):
+    """auto: on the CPU by the (G - 1) x prompt >= completion rule (measured 1.5-2.3x faster there); on
+    CUDA off (measured 0.62x on an H200, BENCHMARKS.md "Shared-prompt update")."""
+    from types import SimpleNamespace
+    tr = make_trainer(micro_model, tmp_path, ds, share_prompt="auto")  # G = 4
+    long_prompts = SimpleNamespace(prompt_ids=[[1] * 30] * 2, completions=[[2] * 80] * 8)  # 3 x 30 >= 80
+    short_prompts = SimpleNamespace(prompt_ids=[[1] * 20] * 2, completions=[[2] * 80] * 8)  # 3 x 20 < 80
+    assert tr.shares_prompt(long_prompts) and not tr.shares_prompt(short_prompts)
+    tr.device = torch.device("cuda")  # shares_prompt only reads the device type: nothing touches a GPU
+    assert not tr.shares_prompt(long_prompts)
+    tr.cfg = replace(tr.cfg, share_prompt="on")
+    assert tr.shares_prompt(short_prompts)
