@@ -85,13 +85,49 @@ def gather(obj) -> list:
     return out
 
 
+def concat(parts: list):
+    """One object from the ranks' parts (as `gather` returns them), rank order: lists and arrays joined,
+    dataclasses and dicts field by field (a RewardBreakdown of the whole batch from each rank's)."""
+    import dataclasses
+
+    import numpy as np
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(first, **{f.name: concat([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first)})
+    if isinstance(first, dict):
+        return {k: concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    return first  # a scalar setting, the same on every rank
+
+
+def _device() -> torch.device:
+    """Where collectives take their tensors: the rank's GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def totals(values: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each value summed over ranks (the keys in `maxima`: their maximum), in two collectives at most."""
+    if world() == 1:
+        return dict(values)
+    out = {}
+    for keys, op in (([k for k in values if k not in maxima], dist.ReduceOp.SUM),
+                     ([k for k in values if k in maxima], dist.ReduceOp.MAX)):
+        if keys:
+            t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+            dist.all_reduce(t, op=op)
+            out.update(zip(keys, t.tolist()))
+    return out
+
+
 def total(x: float) -> float:
     """The sum of x over ranks."""
-    if world() == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t[0])
+    return totals({"x": x})["x"]
 
 
 def anyone(flag: bool) -> bool:
