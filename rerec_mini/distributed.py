@@ -38,13 +38,14 @@ def launched() -> bool:
 def setup(device: torch.device) -> torch.device:
     """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); on CUDA each rank takes
     the GPU of its LOCAL_RANK. Returns the device this rank runs on."""
-    if not launched() or dist.is_initialized():
+    if not launched():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    # Rank 0 evaluates alone while the others wait: the default 10-30 min timeout is too short.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    if not dist.is_initialized():
+        # Rank 0 evaluates alone while the others wait: the default 10-30 min timeout is too short.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return device
 
 
