@@ -632,7 +632,8 @@ class Run:
         """A signal arrived (on any rank, under torchrun: every rank stops, with its number)."""
         if dist.world() > 1:
             signum = int(dist.totals({"s": self.stop_signal or 0}, maxima=("s",))["s"])
-            self.stop_signal = signum or None
+            # a signal handled during that collective is kept: the others hear of it at the next check
+            self.stop_signal = self.stop_signal or signum or None
         return self.stop_signal is not None
 
     def checkpoint_now(self) -> Path:
