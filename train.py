@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from rerec_mini.cli import ArgumentParser
 from rerec_mini.config import TINY_PRESET, Config, UsageError, negatable
+from rerec_mini import distributed
 from rerec_mini.run import train
 from rerec_mini.trainer import TrainingStopped
 
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum if e.signum else 1
+    finally:
+        distributed.shutdown()  # under torchrun: leave the process group (a no-op otherwise)
     return 0
 
 

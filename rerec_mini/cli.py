@@ -71,5 +71,8 @@ def progress(**kwargs):
     is a line in a log file: a 2,000-step SFT wrote thousands). Set a postfix with refresh=False, or it
     redraws on every call whatever the interval."""
     from tqdm.auto import tqdm
+
+    from .distributed import is_main
     tty = sys.stderr.isatty()
+    kwargs.setdefault("disable", not is_main())  # under torchrun, rank 0's bar only
     return tqdm(mininterval=0.1 if tty else LOG_INTERVAL, dynamic_ncols=tty, **kwargs)

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from . import user_rewards
 from .cli import progress
 from .config import HARMLESS, PROMPT_FORMAT, Config, UsageError, differences, resolve_config, validate
@@ -302,8 +304,25 @@ def _absolute(flags: dict) -> dict:
 
 
 def prepare(flags: dict | Config) -> Plan:
-    """Every check a run needs, in seconds; raises UsageError (nothing written) on the first failure."""
-    flags = _absolute(asdict(flags) if isinstance(flags, Config) else dict(flags))
+    """Every check a run needs, in seconds; raises UsageError (nothing written) on the first failure.
+    Under torchrun every rank checks, and all of them stop with the first rank's error if any has one
+    (a rank that stopped alone would leave the others waiting)."""
+    flags = asdict(flags) if isinstance(flags, Config) else dict(flags)
+    if dist.launched():
+        dist.setup(pick_device(flags.get("device") or "auto"))
+    plan, error = None, None
+    try:
+        plan = _prepare(flags)
+    except UsageError as e:
+        error = str(e)
+    errors = [e for e in dist.gather(error) if e]
+    if errors:
+        raise UsageError(errors[0])
+    return plan
+
+
+def _prepare(flags: dict) -> Plan:
+    flags = _absolute(flags)
     resume = flags.get("resume") or ""
     resume_from: list[Path] = []
     overrides: dict = {}
@@ -356,7 +375,14 @@ def prepare(flags: dict | Config) -> Plan:
             raise UsageError(f"--output-dir {out} already holds a run; continue it with --resume, "
                              "start over with --overwrite, or pick another directory")
     warnings = validate(cfg)
-    device = pick_device(cfg.device)
+    device = dist.setup(pick_device(cfg.device))  # under torchrun: this rank's GPU (LOCAL_RANK)
+    for name in ("batch_size", "sft_batch_size"):
+        if getattr(cfg, name) % dist.world():
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be a multiple of the "
+                             f"{dist.world()} processes torchrun started (each takes whole query groups)")
+    if len(set(dist.gather(json.dumps(asdict(cfg), sort_keys=True, default=str)))) > 1:
+        raise UsageError("the processes torchrun started were given different settings; launch them with one "
+                         "command line")
     if cfg.report_to == "tensorboard":
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
@@ -405,17 +431,11 @@ class Run:
     def __init__(self, plan: Plan):
         self.plan, self.cfg, self.out = plan, plan.cfg, plan.out
         cfg = self.cfg
-        if cfg.overwrite and not plan.resume_from:  # a run's own files only, never anything else there
-            for p in run_files(self.out):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
-        if plan.fork:
-            ordered = checkpoints(self.out)
-            newer = ordered[ordered.index(plan.resume_from[0]) + 1:]
-            newer += [p for p in run_files(self.out) if p.name.startswith(("final", "eval_final", "report"))]
-            if newer:
-                print(f"resuming from {plan.resume_from[0].name}: the later {', '.join(p.name for p in newer)} "
-                      f"moved to {set_aside(self.out, newer).name}/")
+        if not dist.is_main():  # under torchrun only rank 0 prints and writes; the others train beside it
+            sys.stdout = open(os.devnull, "w")
+        if dist.is_main():
+            self._claim(plan)
+        dist.barrier()  # the directory (and a tiny start) exists before any rank reads it
         self.start_dir = self._start_dir()
         self.trainer = None
         for ckpt in plan.resume_from or [None]:
@@ -440,14 +460,31 @@ class Run:
                 print(f"warning: checkpoint {ckpt.name} cannot be read ({type(e).__name__}: {e}); renamed it "
                       f"{bad.name} and falling back to an older one")
         self.tb = None
-        if cfg.report_to == "tensorboard":
+        if cfg.report_to == "tensorboard" and dist.is_main():
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        self._write_config()
-        if plan.resume_from:
-            self._truncate_metrics()
+        if dist.is_main():
+            self._write_config()
+            if plan.resume_from:
+                self._truncate_metrics()
         print(self.banner())
         self.stop_signal: int | None = None
+
+    def _claim(self, plan: Plan) -> None:
+        """The output directory made ready: cleared (--overwrite), created, a fork's later files set aside."""
+        if self.cfg.overwrite and not plan.resume_from:  # a run's own files only, never anything else there
+            for p in run_files(self.out):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if plan.fork:
+            ordered = checkpoints(self.out)
+            newer = ordered[ordered.index(plan.resume_from[0]) + 1:]
+            newer += [p for p in run_files(self.out) if p.name.startswith(("final", "eval_final", "report"))]
+            if newer:
+                print(f"resuming from {plan.resume_from[0].name}: the later {', '.join(p.name for p in newer)} "
+                      f"moved to {set_aside(self.out, newer).name}/")
+        if self.cfg.model == "tiny":
+            self._start_dir()
 
     def _start_dir(self) -> Path:
         """The weights a fresh run starts from: the model's directory, or `tiny` built into the run."""
@@ -506,6 +543,8 @@ class Run:
     # --- files
 
     def log(self, row: dict) -> None:
+        if not dist.is_main():
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -538,6 +577,8 @@ class Run:
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
         final = self.out / name
+        if not dist.is_main():  # rank 0 writes it: every rank holds the same weights and optimiser state
+            return final
         tmp = final.with_name(name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         limit = self.cfg.save_total_limit
@@ -569,6 +610,8 @@ class Run:
     def save_reference(self) -> None:
         """The weights RL starts from, for a resume to rebuild the frozen reference (after SFT only:
         without SFT the start directory already holds them)."""
+        if not dist.is_main():
+            return
         ref = self.out / "reference"
         tmp = ref.with_name("reference.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -578,10 +621,14 @@ class Run:
         tmp.rename(ref)
 
     def write_eval(self, name: str, result: dict) -> None:
+        if not dist.is_main():
+            return
         (self.out / f"eval_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
     def finish(self, last: Path) -> None:
         """`final/`: a hard-linked copy of the last checkpoint (no second copy of the weights)."""
+        if not dist.is_main():
+            return
         final = self.out / "final"
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -601,12 +648,20 @@ class Run:
         self.stop_signal = signum
         tqdm.write(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
 
+    def stopping(self) -> bool:
+        """A signal arrived (on any rank, under torchrun: every rank stops, with its number)."""
+        if dist.world() > 1:
+            signum = int(dist.totals({"s": self.stop_signal or 0}, maxima=("s",))["s"])
+            # a signal handled during that collective is kept: the others hear of it at the next check
+            self.stop_signal = self.stop_signal or signum or None
+        return self.stop_signal is not None
+
     def checkpoint_now(self) -> Path:
         """The checkpoint of the current step: the one already written, else a new one."""
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
         done = self.out / name
-        return done if (done / "trainer_state" / COMPLETE).exists() else self.save()
+        return done if not dist.is_main() or (done / "trainer_state" / COMPLETE).exists() else self.save()
 
     def _stopped(self, where: str) -> TrainingStopped:
         ckpt = self.checkpoint_now()
@@ -617,8 +672,11 @@ class Run:
     def evaluate(self, name: str) -> dict | None:
         if not self.plan.ds.queries[self.cfg.eval_split]:
             return None
-        result = self.trainer.evaluate()
-        self.write_eval(name, result)
+        result = None
+        if dist.is_main():  # under torchrun rank 0 evaluates while the others wait
+            result = self.trainer.evaluate()
+            self.write_eval(name, result)
+        dist.barrier()
         return result
 
     def execute(self, until_step: int | None = None) -> dict:
@@ -641,7 +699,7 @@ class Run:
                             self.log(row)
                             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
                             bar.update(1)
-                            if self.stop_signal:
+                            if self.stopping():
                                 raise self._stopped(f"at SFT step {tr.sft_step_no}")
                             if tr.sft_step_no % cfg.save_steps == 0 and tr.sft_step_no < cfg.sft_steps:
                                 self.save()
@@ -650,7 +708,7 @@ class Run:
                     results["sft"] = self.evaluate("sft")
                     if results["sft"]:
                         print(summary_line("after SFT", results["sft"]))
-                    if self.stop_signal:
+                    if self.stopping():
                         raise self._stopped("after SFT")
                 tr.start_rl()
                 if cfg.beta != 0 and cfg.sft_steps > 0:
@@ -662,7 +720,7 @@ class Run:
             last = None
             with progress(total=cfg.max_steps, initial=tr.step_no, desc="rl") as bar:
                 while tr.step_no < cfg.max_steps:
-                    if self.stop_signal:  # arrived during an evaluation or a save
+                    if self.stopping():  # arrived during an evaluation or a save
                         raise self._stopped(f"at step {tr.step_no}")
                     try:
                         row = tr.step()
@@ -684,7 +742,7 @@ class Run:
                             self.log({"phase": "eval", "step": tr.step_no, **res["overall"]})
                     if tr.step_no % cfg.save_steps == 0 or tr.step_no == cfg.max_steps:
                         last = self.save()
-                    if self.stop_signal or tr.step_no == until_step:
+                    if self.stopping() or tr.step_no == until_step:
                         raise self._stopped(f"at step {tr.step_no}")
             last = last or self.save()
             self.finish(last)
@@ -705,6 +763,8 @@ class Run:
 
     def report(self) -> None:
         from .report import write_report  # the last stage: it reads what the run wrote
+        if not dist.is_main():
+            return
         try:
             path = write_report(self.out)
             print(f"report: {path}")

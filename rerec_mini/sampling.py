@@ -40,9 +40,11 @@ class Rollouts:
         return sum(map(len, self.completions))
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, draw=None):
     """logits: [R, V] float32 -> (tokens [R], logprobs [R]). logprobs come from the plain
-    temperature-scaled distribution (what the trainer recomputes), whatever top-k/top-p keep."""
+    temperature-scaled distribution (what the trainer recomputes), whatever top-k/top-p keep.
+    draw: (total, rows [R]): draw `total` uniforms and use those of `rows` (the batch's rows among the
+    whole step's, so that a rank samples what one process would); None: one per row."""
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -60,7 +62,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     # the argmax(p / E), E ~ Exp(1) race needs V random numbers per row, ~5 ms a step on 2 cores.
     # The float64 cumsum keeps rounding from moving probability between neighbouring tokens.
     cdf = probs.double().cumsum(-1)                                                    # [R, V]
-    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
+    if draw is None:
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    else:
+        u = torch.rand(draw[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator)[draw[1]]
+    u = u * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)  # first i with cdf_i > u
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
@@ -185,7 +191,7 @@ class DecoderPool:
 @torch.inference_mode()
 def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, num_samples=1, temperature=1.0,
              top_p=1.0, top_k=0, eos_token_id=None, seed=None, sync_every=16, use_cuda_graph=None,
-             pool: DecoderPool | None = None) -> Rollouts:
+             pool: DecoderPool | None = None, row_offset: int = 0, total_rows: int | None = None) -> Rollouts:
     """Sample `num_samples` completions of up to max_new_tokens for each prompt (lists of token ids).
 
     temperature=0 is greedy (top_k/top_p then don't matter). eos_token_id: None, an int or a list.
@@ -195,6 +201,9 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
     one, each call captures its own graphs.
     In eager mode, finished rows are dropped from the batch once at least half have finished
     (checked every `sync_every` steps); the loop stops as soon as every row has ended.
+    row_offset, total_rows: these rows are rows row_offset.. of a batch of total_rows split across
+    processes (distributed.py); each step draws the whole batch's random numbers and uses its own, so
+    the samples do not depend on how the batch was split.
     """
     t0 = time.perf_counter()
     if not prompts:
@@ -245,7 +254,8 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
     out_tok = torch.zeros(R, max_new_tokens, dtype=torch.long, device=dev)
     out_lp = torch.zeros(R, max_new_tokens, dtype=torch.float32, device=dev)
     rows = torch.arange(R, device=dev)  # output row of each batch row (changes when compacting)
-    tok, lp = sample_next(logits.repeat_interleave(G, dim=0), temperature, top_k, top_p, gen)
+    draw = None if total_rows is None else (total_rows, row_offset + torch.arange(R, device=dev))
+    tok, lp = sample_next(logits.repeat_interleave(G, dim=0), temperature, top_k, top_p, gen, draw)
     out_tok[:, 0], out_lp[:, 0] = tok, lp
     done = torch.isin(tok, eos)
     steps, compactions, captures_before = 1, 0, step_fn.captures
@@ -263,7 +273,8 @@ def generate(model: CausalLM, prompts: list[list[int]], *, max_new_tokens: int, 
                 pad, compactions = pad[keep], compactions + 1
         logits = step_fn(tok, Tp + step - 1)
         slot += 1
-        tok, lp = sample_next(logits, temperature, top_k, top_p, gen)
+        tok, lp = sample_next(logits, temperature, top_k, top_p, gen,
+                              None if total_rows is None else (total_rows, row_offset + rows))
         out_tok[rows, step], out_lp[rows, step] = tok, lp
         done |= torch.isin(tok, eos)
         steps += 1

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed as dist
 from . import raae, user_rewards
 from .config import Config, reward_weights
 from .curriculum import difficulty, make_curriculum
@@ -252,6 +253,7 @@ class Trainer:
         batch = [(pool[i], self.candidates.sample(pool[i], self.sft_candidates(s), cfg.hard_negatives,
                                                   seed=cfg.seed + 1000 * (epoch + 1), negatives=cfg.negatives))
                  for i in order[k * cfg.sft_batch_size:(k + 1) * cfg.sft_batch_size]]
+        batch = dist.share(batch)  # under torchrun, this rank's share of the step's queries
         extra = {}
         if cfg.sft_source == "self":
             rows, extra = self.own_correct_answers(batch)
@@ -260,40 +262,53 @@ class Trainer:
             # (<|im_end|>, Llama-3's <|eot_id|>): what the model must emit to stop.
             rows = [(self.prompt_ids(q, c), self.tokenizer.encode(self.sft_target(q, c, s), add_special_tokens=False)
                      + [self.turn_end]) for q, c in batch]
-        if not rows and not cfg.sft_facts:  # --sft-source self and not one right answer: nothing to learn from
-            self.sft_step_no += 1
-            return {"phase": "sft", "sft_step": self.sft_step_no, "loss": float("nan"), "grad_norm": 0.0,
-                    "learning_rate": self.sft_lr_at(s), **extra}
         # Fact passages (a model from scratch knows no film): the whole passage is the target.
         rng = random.Random(f"{cfg.seed}:facts:{s}")
         items = list(self.ds.items.values())
+        facts = []
         for _ in range(cfg.sft_facts):
             ids = self.tokenizer.encode(item_facts(rng.choice(items), rng), add_special_tokens=False)
-            rows.append((ids[:1], ids[1:]))
+            facts.append((ids[:1], ids[1:]))
+        facts = dist.share(facts)
+        rows += facts
         for group in self.optimizer.param_groups:
             group["lr"] = self.sft_lr_at(s)
         self.model.train()
-        ids, mask = self._pack([p for p, _ in rows], [c for _, c in rows])
-        fact = mask & (torch.arange(len(rows), device=ids.device) >= len(rows) - cfg.sft_facts)[:, None]
-        gold = mask & ~fact
-        # The prompt's own tokens (after the first) are scored too when they carry weight: a model
-        # trained from scratch has no pretraining, and predicting the candidate lines teaches it the
-        # catalogue and how to copy from the context.
-        lengths = torch.tensor([len(p) + len(c) for p, c in rows], device=ids.device)
-        prompt = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]) & ~mask
-        prompt[:, 0] = False
-        with self.autocast():
-            lp = token_logprobs(self.model, ids, mask | prompt if cfg.sft_prompt_weight else mask,
-                                chunk_size=cfg.logprob_chunk)
-        loss = -(lp * gold).sum() / gold.sum().clamp(min=1)
-        if cfg.sft_facts:
-            loss = loss - (lp * fact).sum() / fact.sum().clamp(min=1)
-        if cfg.sft_prompt_weight:
-            loss = loss - cfg.sft_prompt_weight * (lp * prompt).sum() / prompt.sum()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        counts = {"gold": 0.0, "fact": 0.0, "prompt": 0.0}
+        if rows:  # --sft-source self may have found no right answer
+            ids, mask = self._pack([p for p, _ in rows], [c for _, c in rows])
+            fact = mask & (torch.arange(len(rows), device=ids.device) >= len(rows) - len(facts))[:, None]
+            gold = mask & ~fact
+            # The prompt's own tokens (after the first) are scored too when they carry weight: a model
+            # trained from scratch has no pretraining, and predicting the candidate lines teaches it the
+            # catalogue and how to copy from the context.
+            lengths = torch.tensor([len(p) + len(c) for p, c in rows], device=ids.device)
+            prompt = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]) & ~mask
+            prompt[:, 0] = False
+            with self.autocast():
+                lp = token_logprobs(self.model, ids, mask | prompt if cfg.sft_prompt_weight else mask,
+                                    chunk_size=cfg.logprob_chunk)
+            counts = {"gold": float(gold.sum()), "fact": float(fact.sum()), "prompt": float(prompt.sum())}
+        # Each term is a mean over the whole step's tokens (every rank's, under torchrun), so the ranks'
+        # losses, and their gradients, add up to one process's.
+        n = dist.totals(counts)
+        loss = torch.zeros(())
+        if rows:
+            loss = -(lp * gold).sum() / max(n["gold"], 1.0)
+            if cfg.sft_facts:
+                loss = loss - (lp * fact).sum() / max(n["fact"], 1.0)
+            if cfg.sft_prompt_weight:
+                loss = loss - cfg.sft_prompt_weight * (lp * prompt).sum() / max(n["prompt"], 1.0)
+            loss.backward()
+        if n["gold"] + n["fact"] == 0:  # not one target on any rank: nothing to learn from this step
+            self.sft_step_no += 1
+            return {"phase": "sft", "sft_step": self.sft_step_no, "loss": float("nan"), "grad_norm": 0.0,
+                    "learning_rate": self.sft_lr_at(s), **extra}
+        dist.sum_gradients(self.model.parameters())
+        loss_value = dist.total(loss.item())
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        if torch.isfinite(loss) and torch.isfinite(gn):
+        if math.isfinite(loss_value) and torch.isfinite(gn):
             self.optimizer.step()
             self.nan_streak = 0
         else:  # as in RL: skip the update, stop after three in a row
@@ -304,7 +319,7 @@ class Trainer:
         self.sft_step_no += 1
         if cfg.sft_source == "self":
             self.sync_rollout_model()  # the next step samples from these weights
-        return {"phase": "sft", "sft_step": self.sft_step_no, "loss": loss.item(), "grad_norm": gn.item(),
+        return {"phase": "sft", "sft_step": self.sft_step_no, "loss": loss_value, "grad_norm": gn.item(),
                 "learning_rate": self.optimizer.param_groups[0]["lr"], **extra}
 
     def own_correct_answers(self, batch: list[tuple[Query, list[str] | None]]) -> tuple[list, dict]:
@@ -334,17 +349,19 @@ class Trainer:
         """G samples for each of B queries: the curriculum's next batch, or the given queries (explain.py)."""
         cfg = self.cfg
         idx = None
-        if queries is None:
-            idx = self.curriculum.next_batch(cfg.batch_size)
+        if queries is None:  # rank 0's choice; under torchrun each rank takes its share of the groups
+            idx = dist.share(dist.broadcast(self.curriculum.next_batch(cfg.batch_size)))
             queries = [self.train_queries[i] for i in idx]
         cands = [self.candidates.sample(q, cfg.num_candidates, cfg.hard_negatives, seed=cfg.seed,
                                         negatives=cfg.negatives) for q in queries]
         prompts = [self.prompt_ids(q, c) for q, c in zip(queries, cands)]
         self.rollout_model.eval()
         with self.autocast():  # the sampling copy computes what the policy computes under autocast
+            rows = len(prompts) * cfg.num_generations  # this rank's rows among the step's (the same draws)
             ro = generate(self.rollout_model, prompts, max_new_tokens=cfg.max_completion_length,
                           num_samples=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                          eos_token_id=self.eos, seed=cfg.seed * 1_000_003 + self.step_no, pool=self.decoders)
+                          eos_token_id=self.eos, seed=cfg.seed * 1_000_003 + self.step_no, pool=self.decoders,
+                          row_offset=dist.rank() * rows, total_rows=dist.world() * rows if dist.world() > 1 else None)
         return Batch(queries, idx, cands, prompts, ro.completions, ro.logprobs, ro.truncated)
 
     def score(self, b: Batch) -> RewardBreakdown:
@@ -380,18 +397,23 @@ class Trainer:
         return out
 
     def advantage_rewards(self, r: RewardBreakdown) -> np.ndarray:
-        """[N] the rewards the advantages are computed from: r.total, or with --shuffle-rewards (the
-        control) r.total permuted across the batch's B*G rollouts, so that no reward belongs to the
-        rollout that earned it. Seeded by (seed, step): a resumed run draws the same permutation."""
+        """[N] the rewards the advantages are computed from: r.total (under torchrun every rank's,
+        gathered: N is the whole step's B*G), or with --shuffle-rewards (the control) those permuted
+        across the step's rollouts, so that no reward belongs to the rollout that earned it. Seeded
+        by (seed, step): a resumed run, and every rank, draws the same permutation."""
+        total = dist.concat(dist.gather(r.total))
         if not self.cfg.shuffle_rewards:
-            return r.total
-        return r.total[np.random.default_rng([self.cfg.seed, self.step_no, 24]).permutation(len(r.total))]
+            return total
+        return total[np.random.default_rng([self.cfg.seed, self.step_no, 24]).permutation(len(total))]
 
     def advantages(self, b: Batch, r: RewardBreakdown) -> raae.Advantages:
-        """Token advantages per rollout: group-normalised, lowered on RAAE's wrong segments."""
+        """Token advantages per rollout: group-normalised, lowered on RAAE's wrong segments. Under
+        torchrun: of the whole step's rollouts (every rank's masks and rewards gathered), so that
+        --scale-rewards batch sees the batch one process would; `step` takes this rank's rows."""
         cfg = self.cfg
         penalised = [raae.in_spans(spans, wrong) for spans, wrong in zip(b.spans, self.wrong_segments(b, r))]
-        rewards = self.advantage_rewards(r)  # --shuffle-rewards: permuted
+        penalised = dist.concat(dist.gather(penalised))
+        rewards = self.advantage_rewards(r)  # the whole step's; --shuffle-rewards: permuted
         return raae.group_advantages(penalised, rewards, cfg.num_generations, penalty=cfg.raae_penalty,
                                      scale=cfg.scale_rewards, floor=cfg.raae_floor, mode=cfg.raae_advantage)
 
@@ -489,8 +511,9 @@ class Trainer:
         rows = self.trained_rows(b, share)
         micro = [self.micro_batch(b, adv, rows[i:i + cfg.micro_batch_size], share)
                  for i in range(0, len(rows), cfg.micro_batch_size)]
-        norm = StepNorm(tokens=int(sum(m["mask"].sum() for m in micro)), seqs=len(rows),
-                        max_len=cfg.max_completion_length, micro_batches=len(micro))
+        # the whole step's counts (every rank's, under torchrun): each rank's loss is its share of one loss
+        norm = StepNorm(tokens=int(dist.total(sum(int(m["mask"].sum()) for m in micro))), seqs=int(dist.total(len(rows))),
+                        max_len=cfg.max_completion_length, micro_batches=int(dist.total(len(micro))))
         return rows, micro, norm
 
     def update(self, b: Batch, adv: list[np.ndarray]) -> dict:
@@ -506,7 +529,7 @@ class Trainer:
                  # the work the trunk does per pass (prompts once per micro-batch when shared), for the MFU count
                  "update_tokens": sum(m["trunk_tokens"] for m in micro), "update_seq_sq": sum(m["seq_sq"] for m in micro),
                  "update_completion_tokens": sum(len(b.completions[r]) for r in rows)}
-        if not micro:
+        if norm.seqs == 0:  # nothing to train on, on any rank
             return stats
         with torch.no_grad(), self.autocast():
             if self.ref is not None:
@@ -545,6 +568,8 @@ class Trainer:
                     sums["diff_sum"] += float(gap.abs().sum())
                     sums["diff_max"] = max(sums["diff_max"], float(gap.abs().max()))
                     sums["off"] += float(((torch.exp(gap) - 1).abs() > 0.1).logical_and(m["mask"]).sum())
+            dist.sum_gradients(self.model.parameters())  # torchrun: the whole step's gradient on every rank
+            sums = dist.totals(sums, maxima=("diff_max",))
             gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             if it == 0:
                 n = max(sums["tokens"], 1.0)
@@ -577,15 +602,20 @@ class Trainer:
         t0 = time.perf_counter()
         b = self.rollout()
         t1 = time.perf_counter()
-        r = self.score(b)
+        mine = self.score(b)
         t2 = time.perf_counter()
-        adv = self.advantages(b, r)
-        self.curriculum.update(b.indices, self.difficulties(r))
+        adv = self.advantages(b, mine)  # of the whole step (every rank's rollouts, under torchrun)
+        # The whole step's rewards, indices and lengths on every rank: the curriculum takes the same
+        # update everywhere, and the metrics are the step's (with one process: this rank's own).
+        r, indices = dist.concat(dist.gather(mine)), dist.concat(dist.gather(b.indices))
+        lengths, truncated = dist.concat(dist.gather([len(c) for c in b.completions])), dist.concat(dist.gather(b.truncated))
+        self.curriculum.update(indices, self.difficulties(r))
         t3 = time.perf_counter()
-        up = self.update(b, adv.tokens)
+        first = dist.rank() * len(b.completions)
+        up = self.update(b, adv.tokens[first:first + len(b.completions)])
         t4 = time.perf_counter()
         self.step_no += 1
-        n_tok = sum(map(len, b.completions))
+        n_tok = sum(lengths)
         n_entries = max(int(np.sum(r.n_entries)), 1)
         groups = r.total.reshape(-1, G)
         return {
@@ -597,8 +627,8 @@ class Trainer:
             "hit_rate": float(np.mean(r.hit)), "format_ok": float(np.mean(r.format > 0)),
             "hallucination_rate": float(np.sum(r.n_hallucinated)) / n_entries,
             "frac_reward_zero_std": adv.flat_groups / len(groups),
-            "completions/mean_length": n_tok / len(b.completions),
-            "completions/clipped_ratio": float(np.mean(b.truncated)),
+            "completions/mean_length": n_tok / len(lengths),
+            "completions/clipped_ratio": float(np.mean(truncated)),
             "raae/penalised_token_frac": adv.penalised_tokens / max(n_tok, 1),
             "raae/penalty_mean": float(adv.penalty.mean()) if len(adv.penalty) else 0.0,
             "raae/penalty_max": float(adv.penalty.max()) if len(adv.penalty) else 0.0,

@@ -1,0 +1,164 @@
+"""More than one GPU: data parallelism under torchrun, in one small module.
+
+    torchrun --nproc-per-node 8 train.py --model Qwen2.5-1.5B ...        # one node, 8 GPUs
+    python train.py ...                                                 # a world of one: no process group
+
+Each process (rank) holds the whole model and takes a contiguous share of every step's query groups:
+a group's G rollouts stay on one rank, so RAAE, rewards and group statistics need nothing from the
+others. What crosses ranks, and only this:
+  - rank 0's choice of the step's queries (`broadcast`), so the curriculum state stays single;
+  - the step's rewards and RAAE token masks (`gather`): every rank then computes the advantages of
+    the whole batch (as one process would, --scale-rewards batch included) and the logged metrics,
+    and every rank applies the same curriculum update;
+  - the loss normalisers (`total`: tokens and rollouts of the whole step), so dapo / dr_grpo / grpo
+    divide by the global count;
+  - the gradients, summed once per optimiser step over one flat buffer (`sum_gradients`: what DDP
+    does with its buckets, with no wrapper around the model), so every rank takes the same AdamW
+    step and the weights never need to be sent again.
+Sampling is rank-invariant too: each rank draws the random numbers of the whole batch and uses its
+rows' (sampling.generate's row_offset / total_rows), so N ranks sample what one process would.
+Checkpoints are written by rank 0 alone and are the same whatever the world size: a run resumes on
+any number of ranks. With one process every function below is a no-op (or the identity).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); on CUDA each rank takes
+    the GPU of its LOCAL_RANK. Returns the device this rank runs on."""
+    if not launched():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Rank 0 evaluates alone while the others wait: the default 10-30 min timeout is too short.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    return device
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one that prints, writes files and evaluates."""
+    return rank() == 0
+
+
+def share(items: list) -> list:
+    """This rank's contiguous share of a list whose length the world size divides."""
+    n = len(items) // world()
+    return items[rank() * n:(rank() + 1) * n]
+
+
+def broadcast(obj):
+    """Rank 0's object, on every rank."""
+    if world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def concat(parts: list):
+    """One object from the ranks' parts (as `gather` returns them), rank order: lists and arrays joined,
+    dataclasses and dicts field by field (a RewardBreakdown of the whole batch from each rank's)."""
+    import dataclasses
+
+    import numpy as np
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if dataclasses.is_dataclass(first):
+        return dataclasses.replace(first, **{f.name: concat([getattr(p, f.name) for p in parts])
+                                             for f in dataclasses.fields(first)})
+    if isinstance(first, dict):
+        return {k: concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(first, list):
+        return [x for p in parts for x in p]
+    return first  # a scalar setting, the same on every rank
+
+
+def _device() -> torch.device:
+    """Where collectives take their tensors: the rank's GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def totals(values: dict[str, float], maxima: tuple[str, ...] = ()) -> dict[str, float]:
+    """Each value summed over ranks (the keys in `maxima`: their maximum), in two collectives at most."""
+    if world() == 1:
+        return dict(values)
+    out = {}
+    for keys, op in (([k for k in values if k not in maxima], dist.ReduceOp.SUM),
+                     ([k for k in values if k in maxima], dist.ReduceOp.MAX)):
+        if keys:
+            t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+            dist.all_reduce(t, op=op)
+            out.update(zip(keys, t.tolist()))
+    return out
+
+
+def total(x: float) -> float:
+    """The sum of x over ranks."""
+    return totals({"x": x})["x"]
+
+
+def anyone(flag: bool) -> bool:
+    """True on every rank when it is true on any (a signal arrived somewhere: all stop)."""
+    return total(float(flag)) > 0
+
+
+def sum_gradients(params) -> None:
+    """Add up every rank's gradients (one flat buffer, one all-reduce): each rank's loss is already
+    its share of the step's loss, so the sum is the gradient one process would have."""
+    if world() == 1:
+        return
+    params = list(params)
+    for p in params:  # a rank with nothing to train this step still takes part, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
