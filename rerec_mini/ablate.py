@@ -40,7 +40,7 @@ from .cli import ArgumentParser
 from .config import BUNDLED_DATA, UsageError, resolve_config
 from .data import QUERY_TYPES
 from .prompts import DEFAULT_NEGATIVES, NEGATIVE_MODES
-from .run import checkpoints, train
+from .run import checkpoints, train, training_state
 from .trainer import TrainingStopped
 
 VARIANTS = {
@@ -164,8 +164,11 @@ def arm_config(arm: str, common: dict, start: str, seed: int, steps: int, out: P
               {"sft_steps": 0, "max_steps": 0} if arm == "start" else {"sft_steps": 0, "max_steps": steps})
     batch = common.get("batch_size")
     same_batch = {"sft_batch_size": batch} if batch and arm in SFT_ARMS else {}
+    # A start that is one of our checkpoints brings the prompt format it was trained with (candidates,
+    # attributes shown, request position, completion length...), as `train.py --model CKPT` does.
     return resolve_config({**common, **ARMS[arm], **budget, **same_batch, "model": start, "seed": seed,
-                           "output_dir": str(out / f"{arm}-seed{seed}")})
+                           "output_dir": str(out / f"{arm}-seed{seed}")},
+                          start=training_state(start).get("config", {}))
 
 
 def paired_ci(a: dict[str, float], b: dict[str, float], n_boot: int = 4000, seed: int = 0) -> dict:

@@ -111,3 +111,9 @@ def test_study_runs_every_arm_from_one_start_with_the_same_step_budget(micro_mod
     assert ablate.main(argv) == 0
     assert json.loads((out / "results.json").read_text())["arms"] == res["arms"]
     assert not (out / "sft-seed0" / "metrics.jsonl").exists()  # not trained again
+    # --start one of our checkpoints: every arm takes the prompt format it was trained with, unless --set
+    again = tmp_path / "again"
+    assert ablate.main(["--model", micro_model, "--start", str(out / "sft-seed0" / "final"), "--arms", "start",
+                        "--seeds", "1", "--eval-limit", "2", "--out", str(again), "--set", "beta=0"]) == 0
+    cfg = json.loads((again / "start-seed0" / "train_config.json").read_text())
+    assert (cfg["num_candidates"], cfg["max_completion_length"]) == (3, 6)
