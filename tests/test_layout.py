@@ -44,3 +44,13 @@ def test_no_import_cycles():
 
 def test_the_dataset_format_imports_no_builder():
     assert imports()["rerec_mini.data"] == set()
+
+
+def test_readme_layout_lists_every_module():
+    """README's Layout block names every module of rerec_mini/ (bench/ as one entry) and nothing that is gone."""
+    readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = {ln.split()[0] for ln in block.splitlines() if ln.startswith("  ") and ln.split()}
+    modules = {f.name for f in PKG.glob("*.py") if f.name != "__init__.py"} | {"bench/"}
+    assert modules - listed == set(), f"modules missing from README's layout: {sorted(modules - listed)}"
+    assert listed - modules == set(), f"README's layout lists what is not in rerec_mini/: {sorted(listed - modules)}"
