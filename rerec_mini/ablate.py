@@ -20,6 +20,10 @@ curriculum, `rerec-release` ReRec at the release's weights and curriculum, `rere
 learn), `start` the start itself. The table gives greedy hit@1 and NDCG@10 (overall and per type),
 pass@G and majority@G with --num-samples G, wall time, and paired bootstrap 95% intervals of the
 hit@1 difference against `sft` and against `start` (per query, averaged over seeds, queries resampled).
+A start that is one of our checkpoints brings its prompt format, not its training settings: learning
+rates, batch size, G and beta are train.py's defaults (sized for 0.5-7B models: lr 5e-6) unless --set
+gives them. From a tiny-preset start give the preset's, e.g. --set learning_rate=1e-4 --set
+sft_learning_rate=1e-4 --set batch_size=8 --set num_generations=6 --set beta=0.
 
 Writes `results.md`, `results.json` (every figure), `curves.csv` and `curves.png` (with matplotlib).
 Finished runs are reused, so an interrupted ablation or study continues where it stopped.
