@@ -125,6 +125,8 @@ def curves(out: Path, runs: dict[tuple[str, int], Path]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return  # the CSV is the record; `pip install -e ".[plot]"` adds the PNG
+    if not rows:  # no RL run (a study of SFT arms or the start alone): no curve to draw
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("reward", "hit_rate")):
         for name in dict.fromkeys(r["variant"] for r in rows):
