@@ -72,6 +72,9 @@ class Config:
     tis_cap: float = _opt(-1.0, "truncated importance sampling: weight tokens by min(p_train/p_sampler, cap); 0: off; "
                                 "-1: 2 when sampling in bf16 (its kernels differ from training's), off in fp32")
     ref_offload: bool = _opt(False, "keep the reference model on the CPU between uses (GPU memory)")
+    fsdp: bool = _opt(False, "under torchrun: shard the weights, gradients and AdamW state across the processes "
+                             "(FSDP2), for a model whose training state does not fit one GPU; the sampling copy "
+                             "and the reference stay whole on each GPU")
     logprob_chunk: int = _opt(1024, "tokens per chunk of the log-prob head (memory)")
     share_prompt: str = _opt("auto", "update: compute each prompt once for its G rollouts instead of once per rollout "
                                      "(same loss and gradients); auto: on the CPU when (G-1) x mean prompt length >= "
@@ -188,7 +191,7 @@ def negatable(name: str) -> bool:
 # micro_batch_size and share_prompt matter for loss_type bnpo (run.prepare checks), and a longer max_steps
 # stretches the buckets curriculum's easy -> hard schedule over the new length.
 HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps", "micro_batch_size",
-            "gradient_checkpointing", "ref_offload", "logprob_chunk", "share_prompt", "eval_steps", "eval_limit", "eval_split",
+            "gradient_checkpointing", "ref_offload", "fsdp", "logprob_chunk", "share_prompt", "eval_steps", "eval_limit", "eval_split",
             "logging_steps", "report_to", "save_steps", "save_total_limit"}
 
 

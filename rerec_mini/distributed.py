@@ -19,6 +19,19 @@ Sampling is rank-invariant too: each rank draws the random numbers of the whole 
 rows' (sampling.generate's row_offset / total_rows), so N ranks sample what one process would.
 Checkpoints are written by rank 0 alone and are the same whatever the world size: a run resumes on
 any number of ranks. With one process every function below is a no-op (or the identity).
+
+--fsdp (`shard`): for a model whose training state (float32 weights, gradients, AdamW moments: 16
+bytes per parameter) does not fit one GPU, FSDP2 shards it: each decoder layer, and the rest
+(embeddings, final norm, head), is one unit whose parameters every rank holds 1/N of, gathered
+for its forward and backward, its gradients reduce-scattered. The split of the work, the losses and
+the checkpoints are the same as above; what changes:
+  - the sampling copy (and the reference) are whole models on every rank, refreshed from the shards
+    once per step (`full`, one parameter at a time): sampling reads no sharded weights, so it
+    gathers nothing per decode token;
+  - every forward is a collective, so every rank runs the same number of them (the trainer pads a
+    rank's micro-batches with empty ones);
+  - checkpoints gather each tensor to rank 0 (`full`), so they are the files one process writes, and
+    `like` cuts a loaded optimiser moment back to this rank's shard.
 """
 
 from __future__ import annotations
@@ -31,8 +44,10 @@ import torch.distributed as dist
 
 
 def launched() -> bool:
-    """Started by torchrun (or another launcher) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Started by torchrun (or another launcher that sets RANK, WORLD_SIZE and MASTER_ADDR). A process
+    group is formed even for one process: `torchrun --nproc-per-node 1` runs the distributed code on
+    one GPU (the GPU check does), where a plain `python train.py` runs none of it."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def setup(device: torch.device) -> torch.device:
@@ -138,10 +153,13 @@ def anyone(flag: bool) -> bool:
 
 def sum_gradients(params) -> None:
     """Add up every rank's gradients (one flat buffer, one all-reduce): each rank's loss is already
-    its share of the step's loss, so the sum is the gradient one process would have."""
+    its share of the step's loss, so the sum is the gradient one process would have. Sharded
+    parameters (--fsdp) are left alone: FSDP already summed theirs in backward."""
     if world() == 1:
         return
-    params = list(params)
+    params = [p for p in params if not is_sharded(p)]
+    if not params:
+        return
     for p in params:  # a rank with nothing to train this step still takes part, with zeros
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -152,6 +170,57 @@ def sum_gradients(params) -> None:
     for g in grads:
         g.copy_(flat[i:i + g.numel()].view_as(g))
         i += g.numel()
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_, also over sharded gradients: their norm is the whole gradient's
+    (the shards' squares summed over ranks), and it is returned as a plain tensor."""
+    params = [p for p in params if p.grad is not None]
+    if not any(is_sharded(p) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = full(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+# ----------------------------------------------------------------------------- --fsdp
+
+def shard(model) -> None:
+    """FSDP2 over a CausalLM, in place: each decoder layer one unit, the embeddings, final norm and
+    head the root unit. The trainer calls the model through `hidden_states` and `head` and the
+    layers through `shared` as well as `forward`; those are registered so that each gathers its
+    unit's parameters. The root keeps its parameters gathered from its forward to the end of
+    backward (FSDP's default for the root), which is what lets `head` run outside any forward.
+    Each rank's loss is its share of the step's, so gradients are summed, not averaged."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for layer in model.model.layers:
+        fully_shard(layer)
+        register_fsdp_forward_method(layer, "shared")
+    fully_shard(model)
+    for name in ("hidden_states", "shared_hidden_states"):
+        register_fsdp_forward_method(model, name)
+    for unit in [model, *model.model.layers]:  # each unit reduces its own gradients
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+
+
+def is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (an all-gather: every rank must call it), else t."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def like(value: torch.Tensor, param) -> torch.Tensor:
+    """A whole tensor (a loaded optimiser moment) cut as `param` is: this rank's shard of it when the
+    parameter is sharded (each rank holds the whole value already: no communication), else itself."""
+    if not is_sharded(param) or value.dim() == 0:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 def barrier() -> None:

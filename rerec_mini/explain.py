@@ -650,6 +650,7 @@ def setup(argv, stack: ExitStack) -> tuple[Trainer, Query, list[str], argparse.N
     state = training_state(args.model)
     saved = state.get("config")
     cfg = resolve_config(user, saved=saved) if saved else resolve_config({**user, "model": args.model})
+    cfg.fsdp = False  # one process: a run's --fsdp said how it was launched, not what a step computes
     for w in validate(cfg):
         print(f"warning: {w}", file=sys.stderr)
     if getattr(args, "query", None) and getattr(args, "text", None):

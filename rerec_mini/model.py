@@ -361,12 +361,14 @@ class CausalLM(nn.Module):
 def copy_weights(dst: CausalLM, src: CausalLM) -> CausalLM:
     """dst's parameters <- src's, matched by name, each cast to dst's dtype and device. The one name dst
     may have that src lacks is a tied model's separate `lm_head.weight` (see frozen_copy): it takes the
-    embedding."""
+    embedding. A sharded source (--fsdp: its parameters are DTensors) is gathered one parameter at a
+    time, so the whole float32 model never exists twice."""
     sp = dict(src.named_parameters())
     for name, p in dst.named_parameters():
         if name not in sp and name != "lm_head.weight":
             raise KeyError(f"copy_weights: {name} has no counterpart in the source model")
-        p.copy_(sp.get(name, sp.get("lm_head.weight", sp["model.embed_tokens.weight"])))
+        value = sp.get(name, sp.get("lm_head.weight", sp["model.embed_tokens.weight"]))
+        p.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
     return dst
 
 
@@ -504,13 +506,14 @@ def load_model(path_or_alias, device="cpu", dtype=None) -> CausalLM:
     return model.eval()
 
 
-def save_model(model: CausalLM, out_dir, *, max_shard_bytes: int = 5 * 10**9) -> Path:
+def save_model(model: CausalLM, out_dir, *, state_dict: dict | None = None, max_shard_bytes: int = 5 * 10**9) -> Path:
     """Write config.json + model.safetensors, or numbered shards + model.safetensors.index.json
-    when the weights exceed max_shard_bytes (the layout transformers writes)."""
+    when the weights exceed max_shard_bytes (the layout transformers writes). state_dict: the weights
+    to write, if not model.state_dict() (a sharded model's, gathered)."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in (state_dict or model.state_dict()).items()}
     shards, size = [{}], 0
     for k, v in sd.items():
         n = v.numel() * v.element_size()

@@ -352,6 +352,7 @@ def _prepare(flags: dict) -> Plan:
                                  f"{flags['output_dir']}; drop one of the two")
         saved = json.loads((out / "train_config.json").read_text()) if (out / "train_config.json").exists() \
             else check_checkpoint(resume_from[0])[1]["config"]
+        saved.pop("fsdp", None)  # how this launch holds the state, not what the run computes: given anew each time
         user = {k: v for k, v in flags.items() if k not in ("resume", "output_dir")}
         cfg = resolve_config({**user, "output_dir": str(out), "resume": resume}, saved=saved)
         harmless = set(HARMLESS)
@@ -376,6 +377,9 @@ def _prepare(flags: dict) -> Plan:
                              "start over with --overwrite, or pick another directory")
     warnings = validate(cfg)
     device = dist.setup(pick_device(cfg.device))  # under torchrun: this rank's GPU (LOCAL_RANK)
+    if cfg.fsdp and not dist.launched():
+        raise UsageError("--fsdp shards the training state across processes, and this one was not started by "
+                         "torchrun: launch with torchrun --nproc-per-node N, or drop --fsdp")
     for name in ("batch_size", "sft_batch_size"):
         if getattr(cfg, name) % dist.world():
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be a multiple of the "
@@ -577,6 +581,7 @@ class Run:
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
         final = self.out / name
+        weights, (tensors, state) = tr.weights(), tr.state_dict()  # --fsdp: every rank helps gather them
         if not dist.is_main():  # rank 0 writes it: every rank holds the same weights and optimiser state
             return final
         tmp = final.with_name(name + ".tmp")
@@ -586,9 +591,8 @@ class Run:
             older = [c for c in checkpoints(self.out) if c != final]
             for old in older[:len(older) - max(limit - 1, 1)]:
                 shutil.rmtree(old, ignore_errors=True)
-        save_model(tr.model, tmp)
+        save_model(tr.model, tmp, state_dict=weights)
         tr.tokenizer.save_pretrained(str(tmp))
-        tensors, state = tr.state_dict()
         (tmp / "trainer_state").mkdir()  # a subdirectory: the top level stays a plain HF model directory
         save_file(tensors, str(tmp / "trainer_state" / "tensors.safetensors"))
         state["config"] = self.settings()
@@ -610,12 +614,13 @@ class Run:
     def save_reference(self) -> None:
         """The weights RL starts from, for a resume to rebuild the frozen reference (after SFT only:
         without SFT the start directory already holds them)."""
+        weights = self.trainer.weights()  # --fsdp: every rank helps gather them
         if not dist.is_main():
             return
         ref = self.out / "reference"
         tmp = ref.with_name("reference.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.trainer.model, tmp)
+        save_model(self.trainer.model, tmp, state_dict=weights)
         _fsync_tree(tmp)
         shutil.rmtree(ref, ignore_errors=True)
         tmp.rename(ref)
@@ -652,8 +657,10 @@ class Run:
         """A signal arrived (on any rank, under torchrun: every rank stops, with its number)."""
         if dist.world() > 1:
             signum = int(dist.totals({"s": self.stop_signal or 0}, maxima=("s",))["s"])
-            # a signal handled during that collective is kept: the others hear of it at the next check
+            # every rank answers from the same sum; a signal handled during that collective is kept,
+            # and the others hear of it at the next check
             self.stop_signal = self.stop_signal or signum or None
+            return signum != 0
         return self.stop_signal is not None
 
     def checkpoint_now(self) -> Path:
@@ -661,7 +668,8 @@ class Run:
         tr = self.trainer
         name = f"checkpoint-{tr.step_no}" if tr.phase == "rl" else f"checkpoint-sft-{tr.sft_step_no}"
         done = self.out / name
-        return done if not dist.is_main() or (done / "trainer_state" / COMPLETE).exists() else self.save()
+        written = dist.broadcast((done / "trainer_state" / COMPLETE).exists())  # rank 0's files decide for all
+        return done if written else self.save()
 
     def _stopped(self, where: str) -> TrainingStopped:
         ckpt = self.checkpoint_now()

@@ -110,7 +110,12 @@ class Trainer:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         # Sampling runs from a bf16-matmul copy in bf16 mode (frozen_copy: the policy's own arithmetic
         # under autocast, at half the bytes per decode step), refreshed after every change of the weights.
+        # Under --fsdp always from a whole copy: the sharded policy would gather its weights every token.
         self.rollout_model = frozen_copy(self.model, True, device) if self.bf16 else self.model
+        if cfg.fsdp:
+            if self.rollout_model is self.model:
+                self.rollout_model = frozen_copy(self.model, False, device)
+            dist.shard(self.model)  # from here on each rank holds 1/N of the weights, gradients and moments
         self.decoders = DecoderPool()  # CUDA graphs captured once, replayed by every step
         # The frozen reference (beta > 0 only) is the model RL starts from; start_rl() sets it.
         self.ref = None
@@ -271,6 +276,11 @@ class Trainer:
             facts.append((ids[:1], ids[1:]))
         facts = dist.share(facts)
         rows += facts
+        # --fsdp: a forward is a collective, so a rank with nothing to learn (RFT found no right answer)
+        # still runs one, on a one-token row that teaches nothing
+        empty = not rows and self.cfg.fsdp
+        if empty:
+            rows = [([self.pad], [self.pad])]
         for group in self.optimizer.param_groups:
             group["lr"] = self.sft_lr_at(s)
         self.model.train()
@@ -286,6 +296,8 @@ class Trainer:
             lengths = torch.tensor([len(p) + len(c) for p, c in rows], device=ids.device)
             prompt = (torch.arange(ids.shape[1], device=ids.device) < lengths[:, None]) & ~mask
             prompt[:, 0] = False
+            if empty:
+                gold, fact, prompt = gold & False, fact & False, prompt & False
             with self.autocast():
                 lp = token_logprobs(self.model, ids, mask | prompt if cfg.sft_prompt_weight else mask,
                                     chunk_size=cfg.logprob_chunk)
@@ -307,7 +319,7 @@ class Trainer:
                     "learning_rate": self.sft_lr_at(s), **extra}
         dist.sum_gradients(self.model.parameters())
         loss_value = dist.total(loss.item())
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        gn = dist.clip_grad_norm(self.model.parameters(), cfg.max_grad_norm)
         if math.isfinite(loss_value) and torch.isfinite(gn):
             self.optimizer.step()
             self.nan_streak = 0
@@ -514,7 +526,19 @@ class Trainer:
         # the whole step's counts (every rank's, under torchrun): each rank's loss is its share of one loss
         norm = StepNorm(tokens=int(dist.total(sum(int(m["mask"].sum()) for m in micro))), seqs=int(dist.total(len(rows))),
                         max_len=cfg.max_completion_length, micro_batches=int(dist.total(len(micro))))
+        if cfg.fsdp:  # every forward is a collective: each rank runs as many as the busiest, the extra ones empty
+            most = int(dist.totals({"n": len(micro)}, maxima=("n",))["n"])
+            micro += [self.empty_micro_batch() for _ in range(most - len(micro))]
         return rows, micro, norm
+
+    def empty_micro_batch(self) -> dict:
+        """--fsdp padding: one two-token row that goes through the whole model (so that every unit
+        gathers and reduces as on the other ranks) and that `update` trains with a loss of 0 x its
+        log-prob: a zero gradient, and nothing in the step's statistics."""
+        z = torch.zeros((1, 2), dtype=torch.float32, device=self.device)
+        return {"ids": torch.full((1, 2), self.pad, dtype=torch.long, device=self.device),
+                "mask": torch.tensor([[False, True]], device=self.device), "adv": z, "sampler": z.clone(),
+                "trunk_tokens": 0, "seq_sq": 0, "empty": True}
 
     def update(self, b: Batch, adv: list[np.ndarray]) -> dict:
         """mu optimiser steps of the GRPO loss over length-sorted micro-batches."""
@@ -552,6 +576,9 @@ class Trainer:
             for m in micro:
                 with self.autocast():
                     lp, ent = self.logprobs(self.model, m, with_entropy=True)
+                if m.get("empty"):
+                    (lp.sum() * 0.0).backward()
+                    continue
                 old = m.get("old", lp.detach())
                 # How far the sampler's log-probs are from the policy's (bf16 copy vs fp32 weights).
                 gap = (old - m["sampler"]) * m["mask"]
@@ -570,7 +597,7 @@ class Trainer:
                     sums["off"] += float(((torch.exp(gap) - 1).abs() > 0.1).logical_and(m["mask"]).sum())
             dist.sum_gradients(self.model.parameters())  # torchrun: the whole step's gradient on every rank
             sums = dist.totals(sums, maxima=("diff_max",))
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            gn = dist.clip_grad_norm(self.model.parameters(), cfg.max_grad_norm)
             if it == 0:
                 n = max(sums["tokens"], 1.0)
                 stats.update({"sampling/logp_diff_mean": sums["diff_sum"] / n, "sampling/logp_diff_max": sums["diff_max"],
@@ -663,11 +690,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------- state
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The policy's weights by name, whole: under --fsdp gathered one tensor at a time (every rank
+        takes part) and kept, on the CPU, by rank 0 alone (the others get {})."""
+        if not self.cfg.fsdp:
+            return self.model.state_dict()
+        out = {}
+        for k, v in self.model.state_dict().items():
+            v = dist.full(v)
+            if dist.is_main():
+                out[k] = v.detach().cpu()
+        return out
+
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything besides the weights that an exact resume needs: (tensors, JSON-able state).
-        Optimiser moments, every RNG (torch CPU and CUDA, numpy, python), curriculum, counters."""
+        Optimiser moments, every RNG (torch CPU and CUDA, numpy, python), curriculum, counters.
+        Under --fsdp the moments are gathered whole (every rank takes part; rank 0 keeps them), so the
+        files are the same whatever the number of processes."""
         opt = self.optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v.contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+        tensors = {}
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                v = dist.full(v)
+                if dist.is_main() or not self.cfg.fsdp:
+                    tensors[f"state.{i}.{k}"] = v.cpu() if self.cfg.fsdp else v.contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for d, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -686,10 +732,12 @@ class Trainer:
         self.nan_streak = 0  # a resume after a NaN stop is a fresh attempt (with other settings, usually)
         self.curriculum.load_state_dict(state["curriculum"])
         opt_state: dict = {}
+        params = list(self.model.parameters())  # the optimiser's one group, in this order
         for key, v in tensors.items():
             if key.startswith("state."):
                 _, i, k = key.split(".", 2)
-                opt_state.setdefault(int(i), {})[k] = v  # load_state_dict places each on its parameter's device
+                # load_state_dict places each on its parameter's device; --fsdp: this rank's shard of it
+                opt_state.setdefault(int(i), {})[k] = dist.like(v, params[int(i)])
         self.optimizer = self._optimizer(self.cfg.sft_learning_rate if self.phase == "sft" else self.cfg.learning_rate)
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])

@@ -12,7 +12,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu.json").read_text())
     parts = res["parts"]
-    assert set(parts) == {"graph", "kernels", "sampler", "train", "share", "real"}
+    assert set(parts) == {"graph", "kernels", "sampler", "train", "share", "real", "torchrun"}
     assert not any("error" in p for p in parts.values())
     assert parts["graph"]["identical_rows"] == parts["graph"]["rows"] and parts["graph"]["reference_check"] == "passed"
     assert parts["graph"]["reference"]["float32"]["math"]["tokens"] > 0
@@ -24,6 +24,9 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert parts["sampler"]["ratio"] > 0 and parts["sampler"]["floor_ms_per_step"] > 0
     assert parts["train"]["update_tokens"] > 0 and parts["train"]["update_model_tflops"] > 0
     assert "hit@1" in parts["real"]["final"]["overall"]
+    for name in ("torchrun", "fsdp", "fsdp_resumed"):  # a process group of one trains what python train.py does
+        r = parts["torchrun"][f"{name}_vs_plain"]
+        assert r["moved"] > 1e-2 and r["relative"] < 1e-5, (name, r)
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"## {name}" in md for name in parts)
 

@@ -23,6 +23,10 @@ DIR/gpu.json and DIR/gpu.md rewritten after every part so a timed-out call still
   real      (with --gguf) the real SmolLM2-135M through the command lines, all on the GPU: the
             sampler/trainer gap on real weights; train.py (SFT, RL, checkpoints), stopped halfway and
             continued with --resume; eval.py and ask on the result; held-out hit@1, seconds per step
+  torchrun  train.py under `torchrun --nproc-per-node 1` (NCCL, a process group of one), plain and
+            with --fsdp, against `python train.py` with the same settings (final weights apart,
+            relative to how far they moved); an --fsdp run stopped halfway and finished without
+            torchrun. Tiny model, ~1 min. (One GPU: no multi-GPU speed-up can be measured here.)
 The GPU machine has no package index and no hub: the real model comes as a file argument, and its
 reader, the pure-Python `gguf` package, comes along as a wheel (`pip download --no-deps gguf`),
 installed there with `pip install --no-deps --target DIR` and PYTHONPATH=DIR (its own dependencies,
@@ -384,6 +388,51 @@ def part_real(smoke: bool, gguf: str | None, data: str | None, out_dir: Path) ->
     return res
 
 
+# ----------------------------------------------------------------------------- torchrun
+
+
+def part_torchrun(smoke: bool, out_dir: Path) -> dict:
+    """train.py under torchrun with one process on the GPU: a process group of one over NCCL, so every
+    collective of distributed.py runs (a world of one takes no shortcut through the launch), and with
+    --fsdp so does FSDP2 (sharding over one rank, gathered sampling copy and checkpoints). Each against
+    plain `python train.py` with the same settings: the final weights' distance, relative to how far
+    training moved them; then the --fsdp run stopped halfway and finished without torchrun."""
+    from safetensors.torch import load_file
+    settings = dict(model="tiny", tiny_hidden=64, tiny_layers=2, tiny_vocab=600, num_candidates=4,
+                    max_completion_length=16, sft_source="format", sft_steps=30, sft_batch_size=8,
+                    sft_learning_rate=1e-2, batch_size=8, num_generations=4, learning_rate=1e-3, warmup_steps=1,
+                    beta=0.05, eval_limit=8, save_steps=2, seed=3, reward_fn="rerec_mini.example_rewards:shortest_title",
+                    device="cpu" if smoke else "cuda")
+    if smoke:  # the code paths, at sizes a CPU runs in seconds
+        settings.update(tiny_hidden=32, tiny_layers=1, tiny_vocab=400, max_completion_length=8, sft_steps=15,
+                        sft_batch_size=4, batch_size=4, num_generations=2, eval_limit=4)
+    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "train.py"]
+    log = out_dir / "torchrun.log"
+    res: dict = {"flags": flags}
+
+    def apart(a: Path, b: Path) -> dict:
+        wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+        w0 = load_file(str(a / "tiny-init" / "model.safetensors"))
+        moved = sum(float((wa[k].float() - w0[k].float()).norm()) ** 2 for k in wa) ** 0.5
+        gap = sum(float((wa[k].float() - wb[k].float()).norm()) ** 2 for k in wa) ** 0.5
+        return {"moved": moved, "apart": gap, "relative": gap / max(moved, 1e-12)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {name: Path(tmp) / name for name in ("plain", "torchrun", "fsdp", "fsdp_resumed")}
+        res["plain_s"] = _cli(["train.py", *flags, "--max-steps", "6", "--output-dir", str(runs["plain"])], log)
+        res["torchrun_s"] = _cli([*launch, *flags, "--max-steps", "6", "--output-dir", str(runs["torchrun"])], log)
+        res["fsdp_s"] = _cli([*launch, *flags, "--fsdp", "--max-steps", "6", "--output-dir", str(runs["fsdp"])], log)
+        half = runs["fsdp_resumed"]
+        res["fsdp_half_s"] = _cli([*launch, *flags, "--fsdp", "--max-steps", "3", "--output-dir", str(half)], log)
+        res["resumed_s"] = _cli(["train.py", "--resume", "--output-dir", str(half), "--max-steps", "6"], log)
+        for name in ("torchrun", "fsdp", "fsdp_resumed"):
+            res[f"{name}_vs_plain"] = apart(runs["plain"], runs[name])
+        res["plain"] = _phase_seconds(runs["plain"] / "metrics.jsonl")
+        res["fsdp"] = _phase_seconds(runs["fsdp"] / "metrics.jsonl")
+    return res
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -438,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="run every code path on CPU with reduced sizes")
     p.add_argument("--gguf", help="the SmolLM2-135M-Instruct GGUF file, for the real-model part")
     p.add_argument("--data", help="dataset for the real-model part [the bundled data/synth-movies]")
-    p.add_argument("--parts", default="graph,kernels,train,share,sampler,real",
-                   help="comma list of graph,kernels,train,share,sampler,real [all, in that order]")
+    p.add_argument("--parts", default="graph,kernels,train,share,sampler,real,torchrun",
+                   help="comma list of graph,kernels,train,share,sampler,real,torchrun [all, in that order]")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each part in its own process, so that a crash costs only that part [on, off with --smoke]")
@@ -452,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"graph": lambda: part_graph(args.smoke), "kernels": lambda: part_kernels(args.smoke),
                "train": lambda: part_train(args.smoke, args.peak_tflops), "share": lambda: part_share(args.smoke),
                "sampler": lambda: part_sampler(args.smoke),
-               "real": lambda: part_real(args.smoke, args.gguf, args.data, out)}
+               "real": lambda: part_real(args.smoke, args.gguf, args.data, out),
+               "torchrun": lambda: part_torchrun(args.smoke, out)}
     parts = [args.one_part] if args.one_part else [n for n in args.parts.split(",") if n]
     unknown = [n for n in parts if n not in runners]
     if unknown:
