@@ -185,7 +185,11 @@ def write_report(run: str | Path) -> Path:
     if evals:
         lines += ["## Held-out evaluation", ""] + eval_table(evals) + [""]
     if sft:
-        lines += [f"SFT: {len(sft)} steps, loss {sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f}.", ""]
+        losses = [r["loss"] for r in sft if r.get("loss") is not None]  # null: a step with no target
+        if losses:
+            lines += [f"SFT: {len(sft)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}.", ""]
+        else:
+            lines += [f"SFT: {len(sft)} steps, none with a target (no loss).", ""]
     if rl:
         lines += ["## Training curves", ""]
         pngs = plot_curves(run, rl)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -549,8 +550,11 @@ class Run:
     def log(self, row: dict) -> None:
         if not dist.is_main():
             return
+        # a value with no number (an SFT step with no target has no loss) is null: NaN is not JSON, and
+        # jq, pandas' strict readers and JavaScript refuse the whole file over one
+        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(plain) + "\n")
         if self.tb is not None:
             step = row.get("step", row.get("sft_step", 0))
             for k, v in row.items():

@@ -103,6 +103,9 @@ def test_study_runs_every_arm_from_one_start_with_the_same_step_budget(micro_mod
     for arm, steps in (("sft", ("sft", 2)), ("rerec", ("rl", 2)), ("grpo", ("rl", 2))):
         rows = [json.loads(x) for x in (out / f"{arm}-seed0" / "metrics.jsonl").read_text().splitlines()]
         assert sum(r.get("phase") == steps[0] for r in rows) == steps[1], arm
+    for arm in ("sft", "rft", "grpo", "rerec"):  # strict JSON: an RFT step with no right answer has a null loss
+        for line in (out / f"{arm}-seed0" / "metrics.jsonl").read_text().splitlines():
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{arm}: {c} in metrics.jsonl"))
     grpo = json.loads((out / "grpo-seed0" / "train_config.json").read_text())
     assert grpo["no_raae"] and grpo["curriculum"] == "none" and grpo["reward_weights"] == "0.1,1,0,0"
     assert "| rerec |" in (out / "results.md").read_text()
