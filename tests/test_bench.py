@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from rerec_mini.bench import gpu
 
@@ -24,7 +25,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert parts["sampler"]["ratio"] > 0 and parts["sampler"]["floor_ms_per_step"] > 0
     assert parts["train"]["update_tokens"] > 0 and parts["train"]["update_model_tflops"] > 0
     assert "hit@1" in parts["real"]["final"]["overall"]
-    for name in ("torchrun", "fsdp", "fsdp_resumed"):  # a process group of one trains what python train.py does
+    for name in ("torchrun", "fsdp"):  # a process group of one trains what python train.py does
         r = parts["torchrun"][f"{name}_vs_plain"]
         assert r["moved"] > 1e-2 and r["relative"] < 1e-5, (name, r)
     md = (tmp_path / "gpu.md").read_text()
@@ -130,3 +131,54 @@ def test_train_bench_bad_flags_exit_2_with_the_flag_named(argv, message, capsys,
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_peak_watch_credits_each_peak_to_the_calls_open_during_it():
+    """PeakWatch (bench train's memory by phase), on a fake allocator: a nested call's peak is its own,
+    and the outer call's is the largest while it ran, before, inside and after the inner one."""
+    from rerec_mini.bench.train import PeakWatch
+    mem = {"now": 0.0, "peak": 0.0}
+
+    def alloc(x):
+        mem["now"] = x
+        mem["peak"] = max(mem["peak"], x)
+
+    class Job:
+        def inner(self):
+            alloc(5.0)
+            alloc(2.0)
+
+        def outer(self):
+            alloc(3.0)
+            self.inner()
+            alloc(4.0)
+            alloc(1.0)
+
+        def after(self):
+            alloc(1.5)
+
+    job = Job()
+    w = PeakWatch(peak=lambda: mem["peak"], reset=lambda: mem.update(peak=mem["now"]))
+    w.wrap(job, "inner")
+    w.wrap(job, "outer", "the outer")
+    w.wrap(job, "after", lambda *a: "labelled by its arguments")
+    job.outer()
+    job.after()
+    assert w.peaks == {"the outer": 5.0, "inner": 5.0, "labelled by its arguments": 1.5}
+
+
+def test_peak_by_phase_watches_every_phase_of_a_real_step(micro_model, ds, tmp_path):
+    """The watched step runs as a plain one would and names each phase (on CPU a counter stands in for
+    the CUDA allocator: it counts calls, so every watched phase must have been entered)."""
+    from rerec_mini.bench.train import PeakWatch, peak_by_phase
+    from rerec_mini.config import Config
+    from rerec_mini.trainer import Trainer
+    cfg = Config(model=micro_model, output_dir=str(tmp_path), num_candidates=3, batch_size=2, num_generations=2,
+                 max_completion_length=4, keep_truncated=True, beta=0.05, sft_steps=0, max_steps=2)
+    tr = Trainer(cfg, ds, micro_model, torch.device("cpu"))
+    tr.start_rl()
+    ticks = iter(range(1, 1000))
+    peaks = peak_by_phase(tr, PeakWatch(peak=lambda: float(next(ticks)), reset=lambda: None))
+    assert set(peaks) == {"sample", "score", "advantages", "update", "update: reference pass", "update: policy pass",
+                          "update: optimizer step", "update: refresh sampling copy"}, peaks
+    assert peaks["update"] >= max(v for k, v in peaks.items() if k.startswith("update: ")) and tr.step_no == 1

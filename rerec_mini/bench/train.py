@@ -101,6 +101,58 @@ def update_flops(model: CausalLM, row: dict, with_reference: bool) -> float:
     return fwd * (3 + (1 if with_reference else 0))
 
 
+class PeakWatch:
+    """Which part of a step sets the memory peak: wraps methods of the trainer (one more step, after the
+    timed ones) and keeps, per label, the most memory allocated while a call with that label ran. Calls
+    nest (update holds the log-prob passes and the optimiser step): at every call's start and end the
+    peak since the last such moment is credited to every call open across it, then the counter is
+    reset. `peak` and `reset` default to the CUDA allocator's (a test passes its own)."""
+
+    def __init__(self, peak=None, reset=None):
+        self.peak = peak or (lambda: torch.cuda.max_memory_allocated() / 1e9)
+        self.reset = reset or torch.cuda.reset_peak_memory_stats
+        self.peaks: dict[str, float] = {}
+        self.open: list[str] = []
+
+    def _settle(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = self.peak()
+        for label in self.open:
+            self.peaks[label] = max(self.peaks.get(label, 0.0), now)
+        self.reset()
+
+    def wrap(self, obj, name: str, label=None) -> None:
+        """obj.name, watched under `label` (a string, or a function of the call's arguments; default: name)."""
+        f = getattr(obj, name)
+
+        def watched(*args, **kwargs):
+            self._settle()
+            self.open.append(label(*args) if callable(label) else label or name)
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self._settle()
+                self.open.pop()
+        setattr(obj, name, watched)
+
+
+def peak_by_phase(tr: Trainer, w: PeakWatch | None = None) -> dict[str, float]:
+    """One more step, watched (PeakWatch): GB allocated at most during sampling, scoring, advantages, the
+    update, and within the update the reference, old-policy and policy log-prob passes (forward, and
+    the policy's backward after it until the next pass), the optimiser step and the sampling copy's refresh."""
+    w = w or PeakWatch()
+    for name, label in (("rollout", "sample"), ("score", "score"), ("advantages", "advantages"),
+                        ("update", "update"), ("sync_rollout_model", "update: refresh sampling copy")):
+        w.wrap(tr, name, label)
+    w.wrap(tr, "logprobs", lambda model, m, *rest: "update: reference pass" if model is tr.ref else
+           "update: policy pass" + (" (no grad)" if not torch.is_grad_enabled() else ""))
+    w.wrap(tr.optimizer, "step", "update: optimizer step")
+    w._settle()
+    tr.step()
+    return {k: round(v, 3) for k, v in w.peaks.items()}
+
+
 def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int = 1, layers: int | None = None,
         peak_tflops: float = 989.0, overrides: dict | None = None, model_overrides: dict | None = None,
         model: str | None = None, gap: bool = False) -> dict:
@@ -112,7 +164,7 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
     with tempfile.TemporaryDirectory() as tmp:
         path = model or make_model(preset, Path(tmp), layers, model_overrides, dev)
         cfg = resolve_config({"model": "tiny", **PRESETS[preset], "device": device, "output_dir": tmp,
-                              "max_steps": warmup + steps, "sft_steps": 0, **(overrides or {})})
+                              "max_steps": warmup + steps + 1, "sft_steps": 0, **(overrides or {})})  # +1: peak_by_phase
         tr = Trainer(replace(cfg, model=path), load_dataset(cfg.data), path, dev)
         tr.start_rl()
         gaps = sampler_gap(tr) if gap else None
@@ -156,6 +208,11 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
             out["mfu_update"] = out["update_tflop_per_s"] / peak_tflops
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             out["device_name"] = torch.cuda.get_device_name(dev)
+            out["memory_between_steps_gb"] = torch.cuda.memory_allocated() / 1e9  # + gradients and AdamW moments
+            try:  # where the peak is; a failure here must not cost the figures above
+                out["peak_by_phase_gb"] = peak_by_phase(tr)
+            except Exception as e:
+                out["peak_by_phase_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
