@@ -220,7 +220,8 @@ def sampled_figures(cfg, run_dir: Path, num_samples: int) -> dict:
                            hard_negatives=cfg.hard_negatives, seed=cfg.seed, negatives=cfg.negatives,
                            history_len=cfg.history_len, show_attributes=tuple(a for a in cfg.show_attributes.split(",") if a),
                            answer_size=cfg.answer_size, request_last=cfg.request_last,
-                           prompt_examples=cfg.prompt_examples, max_new_tokens=cfg.max_completion_length,
+                           prompt_examples=cfg.prompt_examples, prompt_example_pool=cfg.prompt_example_pool,
+                           max_new_tokens=cfg.max_completion_length,
                            eos_token_id=eos_ids(tok, model.cfg.hf, final), progress=False)
     return res["overall"]
 

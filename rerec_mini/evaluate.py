@@ -113,10 +113,11 @@ def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_
 
 def encode_prompts(tokenizer, ds: Dataset, queries: Sequence[Query], candidates, *, history_len: int = 0,
                    show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                   prompt_examples: int = 0) -> list[list[int]]:
+                   prompt_examples: int = 0, prompt_example_pool: int = 0) -> list[list[int]]:
     """[N] prompt token ids, one per query with its candidate set, in the trainer's prompt format."""
     texts = (render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
-                           answer_size=answer_size, request_last=request_last, examples=prompt_examples)
+                           answer_size=answer_size, request_last=request_last, examples=prompt_examples,
+                           examples_from=prompt_example_pool)
              for q, c in zip(queries, candidates))
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
@@ -149,8 +150,9 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                    prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
-                    progress: bool = True, pool=None, reward_fns: Sequence[RewardFn] = ()) -> dict:
+                    prompt_examples: int = 0, prompt_example_pool: int = 0, max_new_tokens: int = 512, eos_token_id=None,
+                    temperature: float = 0.0, batch_size: int = 64, progress: bool = True, pool=None,
+                    reward_fns: Sequence[RewardFn] = ()) -> dict:
     """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
 
     {"overall", "by_type"} as `summarise`, plus "reference" (see `shortcut_reference`) and
@@ -161,7 +163,7 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
-                             prompt_examples=prompt_examples)
+                             prompt_examples=prompt_examples, prompt_example_pool=prompt_example_pool)
     texts, lens = decode(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, seed=seed, batch_size=batch_size, progress=progress, pool=pool)
     scored = scorer.score(list(queries), texts, candidates)
@@ -237,7 +239,8 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
                      candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                      hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                      show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                     prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
+                     prompt_examples: int = 0, prompt_example_pool: int = 0, max_new_tokens: int = 512, eos_token_id=None,
+                     batch_size: int = 64, progress: bool = True) -> dict:
     """`num_samples` answers per query at `temperature` / `top_p`, on the candidate sets `evaluate_policy`
     drew with the same arguments (the sampler seeds each query's draw by seed and query id);
     greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the sampling settings.
@@ -246,7 +249,7 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
-                             prompt_examples=prompt_examples)
+                             prompt_examples=prompt_examples, prompt_example_pool=prompt_example_pool)
     G = num_samples
     # seed + 1: not the stream of a greedy call with the same seed (which draws nothing, but might one day).
     texts, _ = decode(model, tokenizer, prompts, num_samples=G, temperature=temperature, top_p=top_p,
