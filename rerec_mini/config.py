@@ -102,6 +102,10 @@ class Config:
                                            "0 (still logged) and RAAE, which reads the ground truth, is off")
     shuffle_rewards: bool = _opt(False, "control: permute the rewards across the batch's rollouts before the "
                                         "advantages (seeded per step; RAAE off): nothing should be learnt")
+    format_needs_candidate: bool = _opt(False, "format credit only for a listed candidate: with a candidate list, a "
+                                               "box whose top item is not one of the prompt's candidates scores as "
+                                               "no box (format -0.5, NDCG -0.5); the release credits any catalogue "
+                                               "title, so boxing one fixed title earns the format reward")
     # the task
     num_candidates: int = _opt(20, "candidates per prompt (1 correct + negatives); 0 = open generation")
     negatives: str = _opt(DEFAULT_NEGATIVES, "how negatives are drawn: uniform over the catalogue, from the ground "

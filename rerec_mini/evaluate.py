@@ -2,7 +2,7 @@
 
 Every method answers the same deterministic candidate sets the trainer uses and is scored
 by the same scorer, so the numbers are comparable: hit@1 (ReRec's accuracy), ndcg@5,
-ndcg@10, recall@10, format_ok, hallucination, qas, pas, response length, count.
+ndcg@10, recall@10, format_ok, hallucination, off_list, qas, pas, response length, count.
 `evaluate_samples` adds G sampled answers per query to a greedy evaluation: pass@G, the
 majority vote, and the sampled hit rate where greedy misses.
 Baselines rank the candidates without a model: random, popularity, attribute. Every result
@@ -39,7 +39,8 @@ def prompt_settings(args, train_cfg: dict, defaults: dict) -> dict:
     return {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v))
             for k, v in defaults.items()}
 
-METRICS = ("hit@1", "ndcg@5", "ndcg@10", "recall@10", "format_ok", "hallucination", "qas", "pas", "response_len")
+METRICS = ("hit@1", "ndcg@5", "ndcg@10", "recall@10", "format_ok", "hallucination", "off_list", "qas", "pas",
+           "response_len")
 
 
 def ndcg_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
@@ -65,7 +66,12 @@ def relevant_items(q: Query, candidates: Sequence[str] | None) -> set[str]:
 
 
 def summarise(queries: Sequence[Query], candidates, scored, response_lens: Sequence[int]) -> dict:
-    """{"overall": {metric: mean}, "by_type": {type: {...}}} from a scorer's RewardBreakdown."""
+    """{"overall": {metric: mean}, "by_type": {type: {...}}} from a scorer's RewardBreakdown.
+
+    format_ok: the box names at least one catalogue item, the release's rule, whichever rule the
+    scorer's reward follows (--format-needs-candidate), so that runs with and without it compare.
+    off_list: the box's top item is a catalogue title that is not among the prompt's candidates (0
+    in open generation): an answer copied from elsewhere, e.g. a worked example's."""
     per_query = []
     for n, q in enumerate(queries):
         ranked = scored.parsed[n]
@@ -73,7 +79,8 @@ def summarise(queries: Sequence[Query], candidates, scored, response_lens: Seque
         per_query.append({
             "hit@1": float(bool(ranked) and ranked[0] in rel),  # as the reward's hit: among what was shown
             "ndcg@5": ndcg_at_k(ranked, rel, 5), "ndcg@10": ndcg_at_k(ranked, rel, 10),
-            "recall@10": recall_at_k(ranked, rel, 10), "format_ok": float(scored.format[n] > 0),
+            "recall@10": recall_at_k(ranked, rel, 10), "format_ok": float(bool(ranked)),
+            "off_list": float(bool(ranked) and candidates[n] is not None and ranked[0] not in candidates[n]),
             "qas": float(scored.qas[n]), "pas": float(scored.pas[n]), "response_len": float(response_lens[n]),
             "_entries": int(scored.n_entries[n]), "_hallucinated": int(scored.n_hallucinated[n]),
         })

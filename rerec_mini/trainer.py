@@ -119,7 +119,8 @@ class Trainer:
 
         w_fmt, w_rec, w_qas, w_pas = (0.0,) * 4 if cfg.no_builtin_rewards else reward_weights(cfg)
         self.scorer = Scorer(ds, RewardConfig(w_format=w_fmt, w_rec=w_rec, w_qas=0.0 if cfg.no_qas else w_qas,
-                                              w_pas=0.0 if cfg.no_pas else w_pas, k=cfg.answer_size))
+                                              w_pas=0.0 if cfg.no_pas else w_pas, k=cfg.answer_size,
+                                              format_needs_candidate=cfg.format_needs_candidate))
         # --reward-fn: the user's terms, added to the scorer's total (user_rewards.py)
         self.reward_fns = user_rewards.load_all(cfg.reward_fn, cfg.reward_fn_weights)
         self.curriculum = make_curriculum(cfg.curriculum, len(self.train_queries), seed=cfg.seed, tau=cfg.tau,

@@ -12,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rerec_mini import ablate
 from rerec_mini import evaluate as E
 from rerec_mini import trainer as T
-from rerec_mini.config import Config, UsageError, validate
+from rerec_mini.config import HARMLESS, PROMPT_FORMAT, Config, UsageError, validate
+from rerec_mini.evaluate import summarise
 from rerec_mini.prompts import CandidateSampler, build_messages, example_pool, render_prompt
+from rerec_mini.rewards import RewardConfig, Scorer
 from rerec_mini.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +117,67 @@ def test_prompt_example_pool_is_checked_and_reaches_the_trainers_prompts(micro_m
     assert res["settings"]["prompt_example_pool"] == 6 and drawn and set(drawn) == {6}
 
 
+def test_format_needs_candidate_reaches_the_trainers_scorer(micro_model, tmp_path, ds):
+    base = dict(model=micro_model, output_dir=str(tmp_path), num_candidates=3, sft_steps=0)
+    q = ds.queries["train"][0]
+    cands = CandidateSampler(ds).sample(q, 3, 0, 0)
+    off = next(i for i in ds.item_ids if i not in cands)
+    answer = [f"\\boxed{{{ds.items[off].title}}}"]
+    for flag, fmt in ((False, 0.5), (True, -0.5)):
+        tr = Trainer(Config(**base, format_needs_candidate=flag), ds, micro_model, torch.device("cpu"))
+        assert tr.scorer.score([q], answer, [cands]).format[0] == fmt
+    assert "format_needs_candidate" not in HARMLESS  # it changes what a resumed run computes
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.integers(0, 198), n=st.integers(2, 12), seed=st.integers(0, 10**6), pick=st.integers(0, 10**6),
+       size=st.integers(1, 3), then=st.lists(st.integers(0, 11), max_size=3), reasoning=st.booleans())
+def test_a_box_topped_by_a_non_candidate_fails_the_format_only_when_the_flag_is_on(ds, k, n, seed, pick, size,
+                                                                                   then, reasoning):
+    """Any query, candidate set and answer size: a box whose first entry is a catalogue title not among the
+    candidates scores format -0.5 (NDCG -0.5, QAS and PAS 0, as no box) with --format-needs-candidate,
+    +0.5 without it (the release's rule); topped by a candidate, +0.5 either way."""
+    q = ds.queries["test"][k]
+    cands = CandidateSampler(ds).sample(q, n, 0, seed)
+    outside = [i for i in ds.item_ids if i not in cands]
+    title = ds.items[outside[pick % len(outside)]].title
+    rest = [ds.items[cands[j % len(cands)]].title for j in then]  # listed titles after the first entry
+    text = ("Step 1: the request.\n" if reasoning else "") + "\\boxed{" + "; ".join([title, *rest]) + "}"
+    listed_first = "\\boxed{" + "; ".join([*rest, title] if rest else [ds.items[cands[0]].title]) + "}"
+    on, off = (_scorers(ds, size)[flag].score([q, q], [text, listed_first], [cands, cands]) for flag in (True, False))
+    assert on.format[0] == -0.5 and on.rec[0] == -0.5 and on.qas[0] == 0 and on.pas[0] == 0 and not on.hit[0]
+    assert on.total[0] == pytest.approx(0.1 * -0.5 - 0.5)
+    assert off.format[0] == 0.5 and off.rec[0] >= 0
+    assert on.format[1] == off.format[1] == 0.5 and on.total[1] == pytest.approx(off.total[1])
+    # open generation has no list to check against: the flag changes nothing there
+    assert _scorers(ds, size)[True].score([q], [text], [None]).format[0] == 0.5
+
+
+_SCORERS: dict = {}
+
+
+def _scorers(ds, k):
+    """{flag: Scorer} at answer size k, built once (the graphs take a while)."""
+    if k not in _SCORERS:
+        base = Scorer(ds, RewardConfig(k=k))
+        _SCORERS[k] = {False: base, True: Scorer(ds, RewardConfig(k=k, format_needs_candidate=True))}
+    return _SCORERS[k]
+
+
+def test_eval_metrics_keep_the_releases_format_rule_and_count_off_list_boxes(ds):
+    """format_ok is the release's rule whatever the reward's, so runs with and without the flag compare;
+    off_list counts boxes topped by a title the prompt did not list (a copied example's answer)."""
+    qs = ds.queries["test"][:3]
+    cands = [CandidateSampler(ds).sample(q, 4, 0, 0) for q in qs]
+    off = next(i for i in ds.item_ids if all(i not in c for c in cands))
+    texts = [f"\\boxed{{{ds.items[off].title}}}", f"\\boxed{{{ds.items[cands[1][0]].title}}}", "no box"]
+    for flag in (False, True):
+        scored = _scorers(ds, 1)[flag].score(qs, texts, cands)
+        o = summarise(qs, cands, scored, [1, 1, 1])["overall"]
+        assert o["format_ok"] == pytest.approx(2 / 3) and o["off_list"] == pytest.approx(1 / 3)
+    assert summarise(qs, [None] * 3, _scorers(ds, 1)[True].score(qs, texts, None), [1] * 3)["overall"]["off_list"] == 0
+
+
 def _eval_script():
     spec = importlib.util.spec_from_file_location("eval_cli", Path(__file__).resolve().parents[1] / "eval.py")
     script = importlib.util.module_from_spec(spec)
@@ -155,6 +220,16 @@ def test_eval_and_ask_take_the_checkpoints_example_pool_unless_told(micro_model,
         assert (drawn[-1]["examples"], drawn[-1]["examples_from"]) == (1, want)
     assert ask.main(["--model", str(ckpt), "--query", "test-explicit-00000", "--prompt-example-pool", "1"]) == 2
     assert "--prompt-example-pool 1" in capsys.readouterr().err
+
+
+def test_the_shortcut_fixes_pass_through_ablate_set(micro_model, tmp_path):
+    sets = ablate.parse_sets(["prompt_examples=1", "prompt_example_pool=8", "format_needs_candidate=true"])
+    assert sets == {"prompt_examples": 1, "prompt_example_pool": 8, "format_needs_candidate": True}
+    for arm in ("grpo", "rerec-release", "sft"):
+        cfg = ablate.arm_config(arm, {"model": micro_model, **sets}, micro_model, 0, 2, tmp_path)
+        validate(cfg)
+        assert (cfg.prompt_examples, cfg.prompt_example_pool, cfg.format_needs_candidate) == (1, 8, True)
+    assert "prompt_example_pool" in PROMPT_FORMAT  # a run from such a checkpoint keeps drawing its examples
 
 
 def test_rejection_sampling_sft_trains_on_the_models_own_hits_only(micro_model, tmp_path, ds, monkeypatch):
