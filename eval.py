@@ -60,6 +60,9 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
                    help="the request after the candidate list" + d("request_last"))
     p.add_argument("--prompt-examples", type=int, help="worked examples shown before the request" + d("prompt_examples"))
+    p.add_argument("--prompt-example-pool", type=int,
+                   help="each prompt draws its worked examples from the first P (0: the same first K for every "
+                        "prompt)" + d("prompt_example_pool"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens per answer" + d("max_completion_length"))
@@ -131,7 +134,10 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
                            ("batch_size", args.batch_size >= 1, ">= 1"), ("answer_size", s["answer_size"] >= 1, ">= 1"),
                            ("hard_negatives", s["hard_negatives"] >= 0, ">= 0"),
                            ("history_len", s["history_len"] >= 0, ">= 0"),
-                           ("prompt_examples", s["prompt_examples"] >= 0, ">= 0")):
+                           ("prompt_examples", s["prompt_examples"] >= 0, ">= 0"),
+                           ("prompt_example_pool", s["prompt_example_pool"] == 0
+                            or s["prompt_example_pool"] > s["prompt_examples"] >= 1,
+                            f"0, or more than --prompt-examples {s['prompt_examples']} (which must be >= 1)")):
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {values[flag]}: must be {what}")
     return device, model_dir, base, ds
@@ -164,6 +170,7 @@ def evaluate(argv=None) -> int:
                   hard_negatives=s["hard_negatives"], negatives=s["negatives"], seed=s["seed"])
     prompt = dict(history_len=s["history_len"], show_attributes=show, answer_size=s["answer_size"],
                   request_last=s["request_last"], prompt_examples=s["prompt_examples"],
+                  prompt_example_pool=s["prompt_example_pool"],
                   max_new_tokens=s["max_completion_length"], batch_size=args.batch_size)
     eos = eos_ids(tokenizer, model.cfg.hf, model_dir)
     results = {"model": evaluate_policy(model, tokenizer, ds, queries, eos_token_id=eos, **common, **prompt)}

@@ -25,6 +25,12 @@ rates, batch size, G and beta are train.py's defaults (sized for 0.5-7B models: 
 gives them. From a tiny-preset start give the preset's, e.g. --set learning_rate=1e-4 --set
 sft_learning_rate=1e-4 --set batch_size=8 --set num_generations=6 --set beta=0.
 
+From the base model with one fixed worked example and the release's reward, RL learnt the format by
+boxing that example's answer for every request (docs/experiments/study.md). Two settings take that
+shortcut away: --set prompt_example_pool=P (each prompt draws its K examples from the first P worked
+examples, by its query id) and --set format_needs_candidate=true (format credit only when the box's
+top item is one of the prompt's candidates).
+
 Writes `results.md`, `results.json` (every figure), `curves.csv` and `curves.png` (with matplotlib).
 Finished runs are reused, so an interrupted ablation or study continues where it stopped.
 """
@@ -220,7 +226,8 @@ def sampled_figures(cfg, run_dir: Path, num_samples: int) -> dict:
                            hard_negatives=cfg.hard_negatives, seed=cfg.seed, negatives=cfg.negatives,
                            history_len=cfg.history_len, show_attributes=tuple(a for a in cfg.show_attributes.split(",") if a),
                            answer_size=cfg.answer_size, request_last=cfg.request_last,
-                           prompt_examples=cfg.prompt_examples, max_new_tokens=cfg.max_completion_length,
+                           prompt_examples=cfg.prompt_examples, prompt_example_pool=cfg.prompt_example_pool,
+                           max_new_tokens=cfg.max_completion_length,
                            eos_token_id=eos_ids(tok, model.cfg.hf, final), progress=False)
     return res["overall"]
 
@@ -316,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                         "them again where the runs' eval JSONs are gathered: finished runs are reused) [0]")
     p.add_argument("--num-samples", type=int, default=0, help="the study: also pass@G and majority@G with G samples")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a train.py option for every run, e.g. --set batch_size=8 (repeatable)")
+                   help="a train.py option for every run, e.g. --set batch_size=8 or --set "
+                        "format_needs_candidate=true (repeatable)")
     args = p.parse_args(argv)
     if args.arms:
         out = Path(args.out)

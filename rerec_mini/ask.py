@@ -96,6 +96,8 @@ def parser(train_cfg: dict | None = None) -> argparse.ArgumentParser:
     p.add_argument("--request-last", action=argparse.BooleanOptionalAction,
                    help="the request after the candidate list" + d("request_last"))
     p.add_argument("--prompt-examples", type=int, help="worked examples shown before the request" + d("prompt_examples"))
+    p.add_argument("--prompt-example-pool", type=int,
+                   help="the worked examples drawn from the first P (0: the first K)" + d("prompt_example_pool"))
     p.add_argument("--answer-size", type=int, help="titles in the answer box" + d("answer_size"))
     p.add_argument("--max-completion-length", "--max-new-tokens", type=int, dest="max_completion_length",
                    help="most tokens in the answer" + d("max_completion_length"))
@@ -239,7 +241,8 @@ class Assistant:
         cands = self.sampler.sample(q, s["num_candidates"], s["hard_negatives"], s["seed"], s["negatives"])
         return cands, render_prompt(q, self.ds, cands, self.tokenizer, history_len=s["history_len"],
                                     show_attributes=self.show, answer_size=s["answer_size"],
-                                    request_last=s["request_last"], examples=s["prompt_examples"])
+                                    request_last=s["request_last"], examples=s["prompt_examples"],
+                                    examples_from=s["prompt_example_pool"])
 
     @torch.no_grad()
     def ask(self, q: Query, known: bool, show_prompt: bool = False) -> dict:
@@ -314,7 +317,9 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
     for flag, ok in (("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
                      ("max_completion_length", s["max_completion_length"] >= 1),
                      ("hard_negatives", s["hard_negatives"] >= 0), ("history_len", s["history_len"] >= 0),
-                     ("answer_size", s["answer_size"] >= 1), ("prompt_examples", s["prompt_examples"] >= 0)):
+                     ("answer_size", s["answer_size"] >= 1), ("prompt_examples", s["prompt_examples"] >= 0),
+                     ("prompt_example_pool", s["prompt_example_pool"] == 0
+                      or s["prompt_example_pool"] > s["prompt_examples"] >= 1)):
         if not ok:
             raise UsageError(f"--{flag.replace('_', '-')} {s[flag]!r}: out of range (see --help)")
     device = pick_device(args.device)

@@ -105,6 +105,10 @@ class Config:
                                            "0 (still logged) and RAAE, which reads the ground truth, is off")
     shuffle_rewards: bool = _opt(False, "control: permute the rewards across the batch's rollouts before the "
                                         "advantages (seeded per step; RAAE off): nothing should be learnt")
+    format_needs_candidate: bool = _opt(False, "format credit only for a listed candidate: with a candidate list, a "
+                                               "box whose top item is not one of the prompt's candidates scores as "
+                                               "no box (format -0.5, NDCG -0.5); the release credits any catalogue "
+                                               "title, so boxing one fixed title earns the format reward")
     # the task
     num_candidates: int = _opt(20, "candidates per prompt (1 correct + negatives); 0 = open generation")
     negatives: str = _opt(DEFAULT_NEGATIVES, "how negatives are drawn: uniform over the catalogue, from the ground "
@@ -117,8 +121,12 @@ class Config:
     show_attributes: str = _opt("", "candidate attributes shown in the prompt, e.g. genre,director; "
                                     "'auto': those the request names")
     prompt_examples: int = _opt(0, "prompt: this many worked examples (training queries with their gold reasoning) "
-                                   "as earlier chat turns, the same for every prompt: the format shown, not taught "
+                                   "as earlier chat turns, the same for every prompt unless --prompt-example-pool: "
+                                   "the format shown, not taught "
                                    "(how the authors' release starts RL with no SFT)")
+    prompt_example_pool: int = _opt(0, "prompt: draw each prompt's --prompt-examples worked examples from the first "
+                                       "N of the pool, by its query id (0: the first ones, the same for every "
+                                       "prompt): no one answer sits in every prompt to be copied")
     request_last: bool = _opt(False, "prompt: the candidate list first, then the request next to the answer (a model "
                                      "from scratch learns to copy the request's values from there much sooner)")
     # SFT warm start
@@ -200,7 +208,7 @@ HARMLESS = {"output_dir", "overwrite", "resume", "override_config", "max_steps",
 # model, trained on 8 candidates with the request last, would otherwise be handed 20 candidates with
 # the request first and no attributes, and start RL by relearning its format.
 PROMPT_FORMAT = ("num_candidates", "hard_negatives", "negatives", "show_attributes", "history_len", "answer_size",
-                 "request_last", "prompt_examples", "max_completion_length")
+                 "request_last", "prompt_examples", "prompt_example_pool", "max_completion_length")
 
 
 def resolve_config(user: dict, saved: dict | None = None, start: dict | None = None) -> Config:
@@ -271,6 +279,12 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.prompt_examples >= 0, "prompt_examples", "must be >= 0")
     need(cfg.prompt_examples == 0 or cfg.answer_size == 1, "prompt_examples",
          "needs --answer-size 1 (the examples' gold answers name one title)")
+    need(cfg.prompt_example_pool >= 0, "prompt_example_pool", "must be >= 0 (0: the same examples in every prompt)")
+    need(cfg.prompt_example_pool == 0 or cfg.prompt_examples >= 1, "prompt_example_pool",
+         "draws the worked examples of --prompt-examples K: give K >= 1 too")
+    need(cfg.prompt_example_pool == 0 or cfg.prompt_example_pool > cfg.prompt_examples, "prompt_example_pool",
+         f"must be 0 (the same examples in every prompt) or more than --prompt-examples {cfg.prompt_examples} "
+         "(each prompt draws its K from the first P)")
     need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
     need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")

@@ -2,7 +2,7 @@
 
 Every method answers the same deterministic candidate sets the trainer uses and is scored
 by the same scorer, so the numbers are comparable: hit@1 (ReRec's accuracy), ndcg@5,
-ndcg@10, recall@10, format_ok, hallucination, qas, pas, response length, count.
+ndcg@10, recall@10, format_ok, hallucination, off_list, qas, pas, response length, count.
 `evaluate_samples` adds G sampled answers per query to a greedy evaluation: pass@G, the
 majority vote, and the sampled hit rate where greedy misses.
 Baselines rank the candidates without a model: random, popularity, attribute. Every result
@@ -39,7 +39,8 @@ def prompt_settings(args, train_cfg: dict, defaults: dict) -> dict:
     return {k: (getattr(args, k) if getattr(args, k, None) is not None else train_cfg.get(k, v))
             for k, v in defaults.items()}
 
-METRICS = ("hit@1", "ndcg@5", "ndcg@10", "recall@10", "format_ok", "hallucination", "qas", "pas", "response_len")
+METRICS = ("hit@1", "ndcg@5", "ndcg@10", "recall@10", "format_ok", "hallucination", "off_list", "qas", "pas",
+           "response_len")
 
 
 def ndcg_at_k(ranked: Sequence[str], relevant: set[str], k: int) -> float:
@@ -65,7 +66,12 @@ def relevant_items(q: Query, candidates: Sequence[str] | None) -> set[str]:
 
 
 def summarise(queries: Sequence[Query], candidates, scored, response_lens: Sequence[int]) -> dict:
-    """{"overall": {metric: mean}, "by_type": {type: {...}}} from a scorer's RewardBreakdown."""
+    """{"overall": {metric: mean}, "by_type": {type: {...}}} from a scorer's RewardBreakdown.
+
+    format_ok: the box names at least one catalogue item, the release's rule, whichever rule the
+    scorer's reward follows (--format-needs-candidate), so that runs with and without it compare.
+    off_list: the box's top item is a catalogue title that is not among the prompt's candidates (0
+    in open generation): an answer copied from elsewhere, e.g. a worked example's."""
     per_query = []
     for n, q in enumerate(queries):
         ranked = scored.parsed[n]
@@ -73,7 +79,8 @@ def summarise(queries: Sequence[Query], candidates, scored, response_lens: Seque
         per_query.append({
             "hit@1": float(bool(ranked) and ranked[0] in rel),  # as the reward's hit: among what was shown
             "ndcg@5": ndcg_at_k(ranked, rel, 5), "ndcg@10": ndcg_at_k(ranked, rel, 10),
-            "recall@10": recall_at_k(ranked, rel, 10), "format_ok": float(scored.format[n] > 0),
+            "recall@10": recall_at_k(ranked, rel, 10), "format_ok": float(bool(ranked)),
+            "off_list": float(bool(ranked) and candidates[n] is not None and ranked[0] not in candidates[n]),
             "qas": float(scored.qas[n]), "pas": float(scored.pas[n]), "response_len": float(response_lens[n]),
             "_entries": int(scored.n_entries[n]), "_hallucinated": int(scored.n_hallucinated[n]),
         })
@@ -113,10 +120,11 @@ def draw_candidates(ds: Dataset, queries, sampler: CandidateSampler | None, num_
 
 def encode_prompts(tokenizer, ds: Dataset, queries: Sequence[Query], candidates, *, history_len: int = 0,
                    show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                   prompt_examples: int = 0) -> list[list[int]]:
+                   prompt_examples: int = 0, prompt_example_pool: int = 0) -> list[list[int]]:
     """[N] prompt token ids, one per query with its candidate set, in the trainer's prompt format."""
     texts = (render_prompt(q, ds, c, tokenizer, history_len=history_len, show_attributes=show_attributes,
-                           answer_size=answer_size, request_last=request_last, examples=prompt_examples)
+                           answer_size=answer_size, request_last=request_last, examples=prompt_examples,
+                           examples_from=prompt_example_pool)
              for q, c in zip(queries, candidates))
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
@@ -149,8 +157,9 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
                     candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                     hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                     show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                    prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, temperature: float = 0.0, batch_size: int = 64,
-                    progress: bool = True, pool=None, reward_fns: Sequence[RewardFn] = ()) -> dict:
+                    prompt_examples: int = 0, prompt_example_pool: int = 0, max_new_tokens: int = 512, eos_token_id=None,
+                    temperature: float = 0.0, batch_size: int = 64, progress: bool = True, pool=None,
+                    reward_fns: Sequence[RewardFn] = ()) -> dict:
     """Greedy (temperature 0) answers of `model` to `queries`, batched through our sampler.
 
     {"overall", "by_type"} as `summarise`, plus "reference" (see `shortcut_reference`) and
@@ -161,7 +170,7 @@ def evaluate_policy(model, tokenizer, ds: Dataset, queries: Sequence[Query], *, 
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
-                             prompt_examples=prompt_examples)
+                             prompt_examples=prompt_examples, prompt_example_pool=prompt_example_pool)
     texts, lens = decode(model, tokenizer, prompts, temperature=temperature, max_new_tokens=max_new_tokens,
                          eos_token_id=eos_token_id, seed=seed, batch_size=batch_size, progress=progress, pool=pool)
     scored = scorer.score(list(queries), texts, candidates)
@@ -237,7 +246,8 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
                      candidate_sampler: CandidateSampler | None = None, num_candidates: int = 20,
                      hard_negatives: int = 0, seed: int = 0, negatives: str = DEFAULT_NEGATIVES, history_len: int = 0,
                      show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                     prompt_examples: int = 0, max_new_tokens: int = 512, eos_token_id=None, batch_size: int = 64, progress: bool = True) -> dict:
+                     prompt_examples: int = 0, prompt_example_pool: int = 0, max_new_tokens: int = 512, eos_token_id=None,
+                     batch_size: int = 64, progress: bool = True) -> dict:
     """`num_samples` answers per query at `temperature` / `top_p`, on the candidate sets `evaluate_policy`
     drew with the same arguments (the sampler seeds each query's draw by seed and query id);
     greedy_hit: [N] its hit flags. `sampled_summary`'s figures, plus the sampling settings.
@@ -246,7 +256,7 @@ def evaluate_samples(model, tokenizer, ds: Dataset, queries: Sequence[Query], gr
     candidates = draw_candidates(ds, queries, candidate_sampler, num_candidates, hard_negatives, seed, negatives)
     prompts = encode_prompts(tokenizer, ds, queries, candidates, history_len=history_len,
                              show_attributes=show_attributes, answer_size=answer_size, request_last=request_last,
-                             prompt_examples=prompt_examples)
+                             prompt_examples=prompt_examples, prompt_example_pool=prompt_example_pool)
     G = num_samples
     # seed + 1: not the stream of a greedy call with the same seed (which draws nothing, but might one day).
     texts, _ = decode(model, tokenizer, prompts, num_samples=G, temperature=temperature, top_p=top_p,

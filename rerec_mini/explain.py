@@ -302,8 +302,8 @@ def explain(tr: Trainer, q: Query, notes: list[str] | None = None, batch: Batch 
     sc = tr.scorer.config
     settings = {k: getattr(cfg, k) for k in (
         "num_generations", "temperature", "top_p", "max_completion_length", "num_candidates", "negatives",
-        "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "prompt_examples", "seed",
-        "no_raae",
+        "hard_negatives", "show_attributes", "history_len", "answer_size", "request_last", "prompt_examples",
+        "prompt_example_pool", "seed", "no_raae", "format_needs_candidate",
         "raae_penalty", "raae_floor", "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon",
         "epsilon_high", "tis_cap", "keep_truncated", "curriculum", "tau", "difficulty_metric", "no_builtin_rewards",
         "shuffle_rewards")}
@@ -596,7 +596,8 @@ def render_html(ex: Explanation) -> str:
 # The Config fields explain takes as flags (train.py's names): what shapes one step of one query.
 FLAGS = ("data", "seed", "device", "precision", "num_generations", "max_completion_length", "temperature", "top_p",
          "num_candidates", "negatives", "hard_negatives", "show_attributes", "history_len", "answer_size",
-         "request_last", "prompt_examples", "reward_weights", "reward_fn", "reward_fn_weights", "no_builtin_rewards",
+         "request_last", "prompt_examples", "prompt_example_pool", "reward_weights", "format_needs_candidate",
+         "reward_fn", "reward_fn_weights", "no_builtin_rewards",
          "shuffle_rewards", "no_qas", "no_pas", "no_raae", "raae_penalty", "raae_floor",
          "raae_advantage", "raae_claims", "scale_rewards", "loss_type", "beta", "epsilon", "epsilon_high", "tis_cap",
          "keep_truncated", "micro_batch_size", "curriculum", "tau", "difficulty_metric", "tiny_layers", "tiny_hidden",

@@ -258,7 +258,7 @@ def shown_relations(query: Query, show_attributes: Sequence[str]) -> tuple[str, 
 
 def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | None, *, history_len: int = 0,
                    show_attributes: tuple[str, ...] = (), answer_size: int = 1,
-                   request_last: bool = False, examples: int = 0) -> list[dict[str, str]]:
+                   request_last: bool = False, examples: int = 0, examples_from: int = 0) -> list[dict[str, str]]:
     """[system, (user, assistant) x examples, user] chat messages for one query (see `render_prompt`).
 
     The user message: the request; the last `history_len` titles of `query.history`; the
@@ -268,10 +268,12 @@ def build_messages(query: Query, dataset: Dataset, candidates: Sequence[str] | N
     answer begins by restating what the request asks for; a model trained from scratch learns to
     copy those values much sooner when they are the nearest of their kind, not 200 tokens back
     behind eight candidate lines full of other genres and names (BENCHMARKS.md, offline demo).
-    examples: that many worked examples first (`example_turns`), the format shown rather than taught.
+    examples: that many worked examples first (`example_turns`), the format shown rather than taught;
+    examples_from: drawn per query from the first that many of the pool (0: the first `examples`).
     """
     shots = example_turns(query, dataset, examples, len(candidates) if candidates is not None else 0,
-                          history_len=history_len, show_attributes=show_attributes, request_last=request_last)
+                          history_len=history_len, show_attributes=show_attributes, request_last=request_last,
+                          examples_from=examples_from)
     return [{"role": "system", "content": SYSTEM}, *shots, _request(query, dataset, candidates, history_len,
                                                                      show_attributes, answer_size, request_last)]
 
@@ -313,14 +315,25 @@ def example_pool(dataset: Dataset, num_candidates: int, size: int) -> list[tuple
 
 
 def example_turns(query: Query, dataset: Dataset, k: int, num_candidates: int, *, history_len: int = 0,
-                  show_attributes: tuple[str, ...] = (), request_last: bool = False) -> list[dict[str, str]]:
+                  show_attributes: tuple[str, ...] = (), request_last: bool = False,
+                  examples_from: int = 0) -> list[dict[str, str]]:
     """K worked examples as earlier chat turns: a training query's request in the prompt's own format,
-    then its gold reasoning and box as the assistant's answer (`render_sft_target`). The same K
-    examples for every prompt (a query is never its own example: the next one takes its place).
-    This is how the authors' release starts RL without SFT: the answer format comes from the prompt."""
+    then its gold reasoning and box as the assistant's answer (`render_sft_target`). This is how the
+    authors' release starts RL without SFT: the answer format comes from the prompt.
+
+    examples_from 0: the first K examples of the pool, the same for every prompt (a query is never its own
+    example: the next one takes its place). examples_from P > K: K of the first P, drawn by the query's id
+    (the same prompt every time it is asked), never the query itself. Why: with one fixed example, RL
+    from an instruct model learnt the format by boxing that example's answer for every request
+    (docs/experiments/study.md); examples that differ per prompt leave no single title to copy."""
     if k <= 0:
         return []
-    picks = [(q, c) for q, c in example_pool(dataset, num_candidates, k + 1) if q.query_id != query.query_id][:k]
+    if examples_from > k:
+        pool = example_pool(dataset, num_candidates, examples_from)
+        others = [(q, c) for q, c in pool if q.query_id != query.query_id]
+        picks = random.Random(f"examples:{query.query_id}").sample(others, min(k, len(others)))
+    else:
+        picks = [(q, c) for q, c in example_pool(dataset, num_candidates, k + 1) if q.query_id != query.query_id][:k]
     turns = []
     for q, cands in picks:
         turns.append(_request(q, dataset, cands, history_len, show_attributes, 1, request_last))
@@ -330,10 +343,11 @@ def example_turns(query: Query, dataset: Dataset, k: int, num_candidates: int, *
 
 def render_prompt(query: Query, dataset: Dataset, candidates: Sequence[str] | None, tokenizer, *, history_len: int = 0,
                   show_attributes: tuple[str, ...] = (), answer_size: int = 1, request_last: bool = False,
-                  examples: int = 0) -> str:
+                  examples: int = 0, examples_from: int = 0) -> str:
     """The prompt text through the tokenizer's chat template, ending where the assistant starts."""
     messages = build_messages(query, dataset, candidates, history_len=history_len, show_attributes=show_attributes,
-                              answer_size=answer_size, request_last=request_last, examples=examples)
+                              answer_size=answer_size, request_last=request_last, examples=examples,
+                              examples_from=examples_from)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

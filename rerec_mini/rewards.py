@@ -29,6 +29,10 @@ class RewardConfig:
     embedding_dim: int = 64  # SVD rank of the interaction-graph embeddings
     propagation_layers: int = 0  # LightGCN-style smoothing layers on top of the SVD
     cache_dir: str | None = None  # where item embeddings are cached (None: not cached)
+    # Format credit only for a listed candidate: with a candidate list, a box whose top item is not
+    # one of the candidates scores as no box. The release credits any catalogue title, which lets a
+    # policy earn the format reward by boxing one fixed title (a worked example's) whatever is asked.
+    format_needs_candidate: bool = False
 
 
 @dataclass
@@ -36,7 +40,8 @@ class RewardBreakdown:
     """Per-rollout reward terms; every array has shape [N] (N rollouts)."""
 
     total: np.ndarray  # w_format*format + w_rec*rec + w_qas*qas + w_pas*pas
-    format: np.ndarray  # +0.5 when the box named >= 1 catalogue item, else -0.5
+    format: np.ndarray  # +0.5 when the box named >= 1 catalogue item (a listed candidate first, with
+    #                     format_needs_candidate), else -0.5
     rec: np.ndarray  # NDCG@k in [0, 1]; -0.5 on a format failure
     qas: np.ndarray  # query alignment in [0, 1]; 0 on a format failure
     pas: np.ndarray  # preference alignment in [0, 1]; 0 on a format failure
@@ -154,6 +159,23 @@ class Scorer:
             shown = self._relevant[key] = shown if len(shown) else gt
         return shown
 
+    def _top_listed(self, top: np.ndarray, candidates: list[list[str] | None]) -> np.ndarray:
+        """[N] bool: row n's top item `top[n]` (an item row, -1 = none) is one of its candidates, or
+        the row has no candidate list (open generation: every catalogue item is listed)."""
+        index, n_items = self.dataset.item_index, len(self.dataset.item_ids)
+        listed = np.array([c is not None for c in candidates], bool)  # rows with a list to check against
+        rows = [np.unique([index[i] for i in c]) for c in candidates if c is not None]
+        if not rows:
+            return np.ones(len(top), bool)
+        # keys row*I + item, sorted (rows ascend, each row's items sorted): one searchsorted for all N
+        n = np.flatnonzero(listed)
+        keys = np.repeat(n, [len(r) for r in rows]) * n_items + np.concatenate(rows)
+        ask = n * n_items + top[n]
+        pos = np.minimum(np.searchsorted(keys, ask), len(keys) - 1)
+        out = np.ones(len(top), bool)
+        out[n] = (top[n] >= 0) & (keys[pos] == ask)
+        return out
+
     def score_answers(self, queries: list[Query], answers: list[Answer],
                       candidates: list[list[str] | None] | None = None) -> RewardBreakdown:
         """The five terms for N parsed answers, as array arithmetic over the batch.
@@ -163,6 +185,8 @@ class Scorer:
           rec = sum_r d_r [P_r in REL] / sum_{r < min(|REL|, k)} d_r
           qas = sum_r d_r |attrs(P_r) ∩ A*| / |A*| / sum_r d_r      (over the answer's ranks r)
           pas = sum_r d_r max_g clip(cos(P_r, g), 0, 1) / sum_r d_r  (g over GT; 1 when P_r in REL)
+        With format_needs_candidate, a row whose P_0 is not among its candidates is emptied first: a
+        format failure, scored exactly as a response without a box.
         """
         cfg, N, k = self.config, len(answers), self.config.k
         assert len(queries) == N, "one query per answer"
@@ -180,6 +204,8 @@ class Scorer:
         flat = [index[i] for a in answers for i in a.items[:k]]
         P = np.full((N, k), -1, np.int64)
         P[np.repeat(np.arange(N), lens), np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
+        if cfg.format_needs_candidate:
+            P[~self._top_listed(P[:, 0], cands)] = -1  # an off-list top item: the whole answer counts as no box
         valid = P >= 0  # [N, k]
         ok = valid[:, 0]  # format: at least one catalogue item
         disc = discounts(k)

@@ -124,7 +124,8 @@ class Trainer:
 
         w_fmt, w_rec, w_qas, w_pas = (0.0,) * 4 if cfg.no_builtin_rewards else reward_weights(cfg)
         self.scorer = Scorer(ds, RewardConfig(w_format=w_fmt, w_rec=w_rec, w_qas=0.0 if cfg.no_qas else w_qas,
-                                              w_pas=0.0 if cfg.no_pas else w_pas, k=cfg.answer_size))
+                                              w_pas=0.0 if cfg.no_pas else w_pas, k=cfg.answer_size,
+                                              format_needs_candidate=cfg.format_needs_candidate))
         # --reward-fn: the user's terms, added to the scorer's total (user_rewards.py)
         self.reward_fns = user_rewards.load_all(cfg.reward_fn, cfg.reward_fn_weights)
         self.curriculum = make_curriculum(cfg.curriculum, len(self.train_queries), seed=cfg.seed, tau=cfg.tau,
@@ -195,7 +196,8 @@ class Trainer:
     def prompt_ids(self, q: Query, candidates) -> list[int]:
         text = render_prompt(q, self.ds, candidates, self.tokenizer, history_len=self.cfg.history_len,
                              show_attributes=self.show, answer_size=self.cfg.answer_size,
-                             request_last=self.cfg.request_last, examples=self.cfg.prompt_examples)
+                             request_last=self.cfg.request_last, examples=self.cfg.prompt_examples,
+                             examples_from=self.cfg.prompt_example_pool)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -676,7 +678,7 @@ class Trainer:
                         negatives=cfg.negatives, hard_negatives=cfg.hard_negatives, seed=cfg.seed,
                         history_len=cfg.history_len, show_attributes=cfg.show_attributes, answer_size=cfg.answer_size,
                         request_last=cfg.request_last, prompt_examples=cfg.prompt_examples,
-                        max_completion_length=cfg.max_completion_length,
+                        prompt_example_pool=cfg.prompt_example_pool, max_completion_length=cfg.max_completion_length,
                         step=self.step_no, phase=self.phase)
         with self.autocast():
             result = evaluate_policy(
@@ -684,6 +686,7 @@ class Trainer:
                 num_candidates=cfg.num_candidates, hard_negatives=cfg.hard_negatives, negatives=cfg.negatives,
                 seed=cfg.seed, history_len=cfg.history_len, show_attributes=self.show, answer_size=cfg.answer_size,
                 request_last=cfg.request_last, prompt_examples=cfg.prompt_examples,
+                prompt_example_pool=cfg.prompt_example_pool,
                 max_new_tokens=cfg.max_completion_length, eos_token_id=self.eos, reward_fns=self.reward_fns,
                 pool=DecoderPool(max_entries=1))  # its own graphs and cache, freed after: training's stay as they are
         return {**result, "settings": settings}
