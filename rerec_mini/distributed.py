@@ -214,6 +214,19 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def whole(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named tensors to save, whole: when any is sharded (--fsdp), each is gathered in turn (every rank
+    must call this) and rank 0 alone keeps it, on the CPU (the others get {}); otherwise `tensors`."""
+    if not any(is_sharded(t) for t in tensors.values()):
+        return tensors
+    out = {}
+    for k, v in tensors.items():
+        v = full(v)
+        if is_main():
+            out[k] = v.detach().cpu()
+    return out
+
+
 def like(value: torch.Tensor, param) -> torch.Tensor:
     """A whole tensor (a loaded optimiser moment) cut as `param` is: this rank's shard of it when the
     parameter is sharded (each rank holds the whole value already: no communication), else itself."""

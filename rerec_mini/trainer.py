@@ -696,14 +696,7 @@ class Trainer:
     def weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights by name, whole: under --fsdp gathered one tensor at a time (every rank
         takes part) and kept, on the CPU, by rank 0 alone (the others get {})."""
-        if not self.cfg.fsdp:
-            return self.model.state_dict()
-        out = {}
-        for k, v in self.model.state_dict().items():
-            v = dist.full(v)
-            if dist.is_main():
-                out[k] = v.detach().cpu()
-        return out
+        return dist.whole(self.model.state_dict())
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything besides the weights that an exact resume needs: (tensors, JSON-able state).
@@ -711,12 +704,8 @@ class Trainer:
         Under --fsdp the moments are gathered whole (every rank takes part; rank 0 keeps them), so the
         files are the same whatever the number of processes."""
         opt = self.optimizer.state_dict()
-        tensors = {}
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                v = dist.full(v)
-                if dist.is_main() or not self.cfg.fsdp:
-                    tensors[f"state.{i}.{k}"] = v.cpu() if self.cfg.fsdp else v.contiguous()
+        tensors = dist.whole({f"state.{i}.{k}": v.contiguous()
+                              for i, st in opt["state"].items() for k, v in st.items()})
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for d, s in enumerate(torch.cuda.get_rng_state_all()):

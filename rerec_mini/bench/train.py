@@ -114,7 +114,7 @@ class PeakWatch:
         self.peaks: dict[str, float] = {}
         self.open: list[str] = []
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = self.peak()
@@ -127,12 +127,12 @@ class PeakWatch:
         f = getattr(obj, name)
 
         def watched(*args, **kwargs):
-            self._settle()
+            self.settle()
             self.open.append(label(*args) if callable(label) else label or name)
             try:
                 return f(*args, **kwargs)
             finally:
-                self._settle()
+                self.settle()
                 self.open.pop()
         setattr(obj, name, watched)
 
@@ -148,7 +148,7 @@ def peak_by_phase(tr: Trainer, w: PeakWatch | None = None) -> dict[str, float]:
     w.wrap(tr, "logprobs", lambda model, m, *rest: "update: reference pass" if model is tr.ref else
            "update: policy pass" + (" (no grad)" if not torch.is_grad_enabled() else ""))
     w.wrap(tr.optimizer, "step", "update: optimizer step")
-    w._settle()
+    w.settle()
     tr.step()
     return {k: round(v, 3) for k, v in w.peaks.items()}
 
