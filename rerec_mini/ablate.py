@@ -32,7 +32,9 @@ examples, by its query id) and --set format_needs_candidate=true (format credit 
 top item is one of the prompt's candidates).
 
 Writes `results.md`, `results.json` (every figure), `curves.csv` and `curves.png` (with matplotlib).
-Finished runs are reused, so an interrupted ablation or study continues where it stopped.
+Finished runs are reused, so an interrupted ablation or study continues where it stopped. --jobs N
+runs the study's arm x seed runs N at a time, each in its own process (for a small model on one
+large GPU); each run is the same run it would be alone.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -256,34 +258,112 @@ def study_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ArmRun:
+    """One arm and seed of the study, finished."""
+    final: dict            # its eval_final.json: greedy figures, overall, by type and per query
+    minutes: float         # its wall time (model load and evaluation included)
+    sampled: dict | None   # pass@G and majority@G with --num-samples G, else None
+    run_dir: Path
+
+
+def finished(run_dir: Path, args) -> bool:
+    """Has this run all arm_run needs on disk (what a study begun elsewhere brings back)?"""
+    return (run_dir / "eval_final.json").exists() and (
+        not args.num_samples or (run_dir / f"sampled_{args.num_samples}.json").exists())
+
+
+def arm_run(arm: str, seed: int, args, common: dict, start: str, out: Path) -> ArmRun:
+    """One arm and seed, trained and evaluated unless a finished run is on disk."""
+    import time
+    cfg = arm_config(arm, common, start, seed, args.steps, out)
+    wall = Path(cfg.output_dir) / "wall_seconds.json"  # kept with the run: a reused run keeps its time
+    t0 = time.perf_counter()
+    result = run_once(cfg)
+    if not wall.exists():
+        wall.write_text(json.dumps(time.perf_counter() - t0))
+    sampled = None
+    if args.num_samples:
+        cache = Path(cfg.output_dir) / f"sampled_{args.num_samples}.json"
+        if not cache.exists():
+            cache.write_text(json.dumps(sampled_figures(cfg, Path(cfg.output_dir), args.num_samples)))
+        sampled = json.loads(cache.read_text())
+    return ArmRun(result, json.loads(wall.read_text()) / 60, sampled, Path(cfg.output_dir))
+
+
+def _worker_start(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _worker_run(arm: str, seed: int, args, common: dict, start: str, out: Path) -> float:
+    """arm_run in a worker process, its output to out/logs/ARM-seedS.log -> its hit@1."""
+    import contextlib
+    log = out / "logs" / f"{arm}-seed{seed}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return arm_run(arm, seed, args, common, start, out).final["overall"]["hit@1"]
+
+
+def run_parallel(jobs: list[tuple[str, int]], args, common: dict, start: str, out: Path) -> None:
+    """Every (arm, seed) run, args.jobs at a time in worker processes, each on its share of the CPU threads.
+
+    Why: a 135M model's steps are short kernels with Python, reward scoring and text parsing between
+    them, so one run leaves a large GPU idle much of the time and runs side by side should fill it (how
+    much they gain on an H200 is not yet measured). Every run is seeded and reads nothing another
+    writes, so it is the run it would have been alone, given the same CPU threads (tests/test_study.py
+    compares). Spawned, not forked: a forked child cannot use CUDA."""
+    import multiprocessing
+    import torch
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from .model import resolve_model_dir
+    resolve_model_dir(start)  # convert a GGUF / build `tiny` here, once, not in every worker
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start, initargs=(threads,)) as pool:
+        futures = {pool.submit(_worker_run, arm, seed, args, common, start, out): (arm, seed) for arm, seed in jobs}
+        print(f"{len(jobs)} runs, {args.jobs} at a time ({threads} CPU threads each); logs in {out / 'logs'}",
+              flush=True)
+        for done, fut in enumerate(as_completed(futures), 1):
+            arm, seed = futures[fut]
+            try:
+                hit = fut.result()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                print(f"[{arm} seed {seed}] failed: see {out / 'logs' / f'{arm}-seed{seed}.log'}", file=sys.stderr)
+                raise
+            print(f"[{done}/{len(jobs)}] {arm} seed {seed}: hit@1 {hit:.3f}", flush=True)
+
+
 def study(args, common: dict, out: Path) -> dict:
     """Every arm x seed from one start (see the module docstring) -> the summary (also results.json)."""
-    import time
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise UsageError(f"--arms: unknown {','.join(unknown)} (choose from {','.join(ARMS)})")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: give 1 or more runs at a time")
     start = args.start or common["model"]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.jobs > 1:  # the runs side by side; the loop below then finds each one finished
+        todo = [(arm, seed) for seed in seeds for arm in arms
+                if not finished(Path(arm_config(arm, common, start, seed, args.steps, out).output_dir), args)]
+        if todo:
+            run_parallel(todo, args, common, start, out)
     results: dict[str, list[dict]] = {a: [] for a in arms}
     sampled: dict[str, list[dict]] = {a: [] for a in arms}
     minutes: dict[str, float] = {a: 0.0 for a in arms}
     run_dirs: dict[tuple[str, int], Path] = {}
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+    for seed in seeds:
         for arm in arms:
-            cfg = arm_config(arm, common, start, seed, args.steps, out)
-            wall = Path(cfg.output_dir) / "wall_seconds.json"  # kept with the run: a reused run keeps its time
-            t0 = time.perf_counter()
-            results[arm].append(run_once(cfg))
-            if not wall.exists():
-                wall.write_text(json.dumps(time.perf_counter() - t0))
-            minutes[arm] += json.loads(wall.read_text()) / 60
-            run_dirs[(arm, seed)] = Path(cfg.output_dir)
-            if args.num_samples:
-                cache = Path(cfg.output_dir) / f"sampled_{args.num_samples}.json"
-                if not cache.exists():
-                    cache.write_text(json.dumps(sampled_figures(cfg, Path(cfg.output_dir), args.num_samples)))
-                sampled[arm].append(json.loads(cache.read_text()))
-            print(f"[{arm} seed {seed}] hit@1 {results[arm][-1]['overall']['hit@1']:.3f}", flush=True)
+            run = arm_run(arm, seed, args, common, start, out)
+            results[arm].append(run.final)
+            minutes[arm] += run.minutes
+            run_dirs[(arm, seed)] = run.run_dir
+            if run.sampled is not None:
+                sampled[arm].append(run.sampled)
+            print(f"[{arm} seed {seed}] hit@1 {run.final['overall']['hit@1']:.3f}", flush=True)
     hits = {a: per_query_hits(rs) for a, rs in results.items()}
     summary = {"start": start, "steps": args.steps, "seeds": args.seeds, "settings": common, "arms": {}}
     for arm, runs in results.items():
@@ -322,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the study: seeds first-seed .. first-seed + seeds - 1 (one seed per machine, then all of "
                         "them again where the runs' eval JSONs are gathered: finished runs are reused) [0]")
     p.add_argument("--num-samples", type=int, default=0, help="the study: also pass@G and majority@G with G samples")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="the study: this many runs at a time, each in its own process with its share of the CPU "
+                        "threads; meant for a small model on one large GPU, which one run leaves mostly idle. "
+                        "Each run's minutes are then its wall time on a shared machine [1]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a train.py option for every run, e.g. --set batch_size=8 or --set "
                         "format_needs_candidate=true (repeatable)")
@@ -340,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingStopped as e:
             print(f"stopped: {e}\nrun the same command again to continue where it stopped", file=sys.stderr)
             return 128 + e.signum if e.signum else 1
+        except KeyboardInterrupt:  # --jobs: the workers' runs stop on the same signal, leaving checkpoints
+            print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+            return 130
         md = study_table(summary)
         (out / "results.md").write_text(md + "\n")
         (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -309,3 +309,30 @@ def test_study_runs_every_arm_from_one_start_with_the_same_step_budget(micro_mod
                         "--seeds", "1", "--eval-limit", "2", "--out", str(again), "--set", "beta=0"]) == 0
     cfg = json.loads((again / "start-seed0" / "train_config.json").read_text())
     assert (cfg["num_candidates"], cfg["max_completion_length"]) == (3, 6)
+
+
+def test_study_runs_side_by_side_are_the_runs_it_makes_one_at_a_time(micro_model, tmp_path):
+    # one thread here (the module's fixture), so each worker's share is one thread too: the same arithmetic
+    base = ["--model", micro_model, "--arms", "start,sft,grpo", "--seeds", "2", "--steps", "2", "--eval-limit", "6"]
+    for kv in ("batch_size=2", "num_generations=2", "max_completion_length=6", "num_candidates=3", "beta=0",
+               "keep_truncated=true"):
+        base += ["--set", kv]
+    assert ablate.main(base + ["--out", str(tmp_path / "one")]) == 0
+    assert ablate.main(base + ["--out", str(tmp_path / "two"), "--jobs", "3"]) == 0
+    for arm in ("start", "sft", "grpo"):
+        for seed in (0, 1):
+            one, two = (json.loads((tmp_path / d / f"{arm}-seed{seed}" / "eval_final.json").read_text())
+                        for d in ("one", "two"))
+            assert [s["response"] for s in two["samples"]] == [s["response"] for s in one["samples"]], (arm, seed)
+            assert two["overall"] == one["overall"], (arm, seed)
+            log = (tmp_path / "two" / "logs" / f"{arm}-seed{seed}.log").read_text()
+            assert f"{arm}-seed{seed}  (new run)" in log  # a worker trained it, not the gathering loop
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["arms"] for d in ("one", "two"))
+    assert {a: r["hit@1_per_seed"] for a, r in two.items()} == {a: r["hit@1_per_seed"] for a, r in one.items()}
+    # again with one more arm (a study continued in a later session): only the new runs are started
+    (tmp_path / "two" / "logs" / "sft-seed0.log").write_text("the earlier session's log")
+    argv = base + ["--out", str(tmp_path / "two"), "--jobs", "3"]
+    assert ablate.main([a if a != "start,sft,grpo" else "start,sft,grpo,shuffled" for a in argv]) == 0
+    assert (tmp_path / "two" / "logs" / "sft-seed0.log").read_text() == "the earlier session's log"
+    assert "shuffled-seed1  (new run)" in (tmp_path / "two" / "logs" / "shuffled-seed1.log").read_text()
+    assert ablate.main(base + ["--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
