@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rerec_mini.cli import ArgumentParser
-from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError
+from rerec_mini.config import BUNDLED_DATA, REPO_ROOT, UsageError, check_prompt_format
 from rerec_mini.evaluate import (BASELINES, PROMPT_DEFAULTS, evaluate_baseline, evaluate_policy, evaluate_samples,
                                  markdown_table, prompt_settings, read_texts, retention, sampled_table, stratified_head)
 from rerec_mini.model import load_model, load_tokenizer, resolve_model_dir
@@ -127,19 +127,11 @@ def check(args, s: dict, train_cfg: dict) -> tuple:
     if args.split not in ds.queries or not ds.queries[args.split]:
         raise UsageError(f"--split {args.split!r}: the dataset's splits with queries are "
                          f"{', '.join(k for k, v in ds.queries.items() if v)}")
-    values = {**s, "limit": args.limit, "batch_size": args.batch_size}
-    for flag, ok, what in (("limit", args.limit >= 0, ">= 0"),
-                           ("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2, ">= 2, or 0"),
-                           ("max_completion_length", s["max_completion_length"] >= 1, ">= 1"),
-                           ("batch_size", args.batch_size >= 1, ">= 1"), ("answer_size", s["answer_size"] >= 1, ">= 1"),
-                           ("hard_negatives", s["hard_negatives"] >= 0, ">= 0"),
-                           ("history_len", s["history_len"] >= 0, ">= 0"),
-                           ("prompt_examples", s["prompt_examples"] >= 0, ">= 0"),
-                           ("prompt_example_pool", s["prompt_example_pool"] == 0
-                            or s["prompt_example_pool"] > s["prompt_examples"] >= 1,
-                            f"0, or more than --prompt-examples {s['prompt_examples']} (which must be >= 1)")):
-        if not ok:
-            raise UsageError(f"--{flag.replace('_', '-')} {values[flag]}: must be {what}")
+    if args.limit < 0:
+        raise UsageError(f"--limit {args.limit}: must be >= 0 (0: all)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    check_prompt_format(s)
     return device, model_dir, base, ds
 
 

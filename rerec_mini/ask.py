@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .cli import ArgumentParser
-from .config import BUNDLED_DATA, UsageError
+from .config import BUNDLED_DATA, UsageError, check_prompt_format
 from .data import Dataset, Query
 from .evaluate import PROMPT_DEFAULTS, prompt_settings
 from .model import load_model, load_tokenizer, resolve_model_dir
@@ -314,14 +314,7 @@ def settings_and_checks(args, train_cfg: dict) -> tuple[dict, Path, Dataset, tor
     s = prompt_settings(args, train_cfg, DEFAULTS)
     if args.query and args.request:
         raise UsageError("give a request or --query QUERY_ID, not both")
-    for flag, ok in (("num_candidates", s["num_candidates"] == 0 or s["num_candidates"] >= 2),
-                     ("max_completion_length", s["max_completion_length"] >= 1),
-                     ("hard_negatives", s["hard_negatives"] >= 0), ("history_len", s["history_len"] >= 0),
-                     ("answer_size", s["answer_size"] >= 1), ("prompt_examples", s["prompt_examples"] >= 0),
-                     ("prompt_example_pool", s["prompt_example_pool"] == 0
-                      or s["prompt_example_pool"] > s["prompt_examples"] >= 1)):
-        if not ok:
-            raise UsageError(f"--{flag.replace('_', '-')} {s[flag]!r}: out of range (see --help)")
+    check_prompt_format(s)
     device = pick_device(args.device)
     try:
         model_dir = resolve_model_dir(args.model)

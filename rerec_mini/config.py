@@ -237,6 +237,31 @@ def reward_weights(cfg: Config) -> tuple[float, float, float, float]:
     return w  # type: ignore[return-value]
 
 
+def check_prompt_format(s: dict) -> None:
+    """The ranges of the prompt format's settings (PROMPT_FORMAT -> value), wherever they come from:
+    train.py's flags (validate), or eval.py's and ask's flags over a checkpoint's. Raises UsageError
+    on the first bad one."""
+    def need(ok: bool, flag: str, what: str):
+        if not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} {s[flag]!r}: {what}")
+
+    need(s["num_candidates"] == 0 or s["num_candidates"] >= 2, "num_candidates",
+         "must be >= 2 (1 correct + negatives), or 0 for open generation")
+    need(s["hard_negatives"] >= 0, "hard_negatives", "must be >= 0")
+    need(s["answer_size"] >= 1, "answer_size", "must be >= 1")
+    need(s["history_len"] >= 0, "history_len", "must be >= 0")
+    need(s["max_completion_length"] >= 1, "max_completion_length", "must be >= 1 token")
+    need(s["prompt_examples"] >= 0, "prompt_examples", "must be >= 0")
+    need(s["prompt_examples"] == 0 or s["answer_size"] == 1, "prompt_examples",
+         "needs --answer-size 1 (the examples' gold answers name one title)")
+    need(s["prompt_example_pool"] >= 0, "prompt_example_pool", "must be >= 0 (0: the same examples in every prompt)")
+    need(s["prompt_example_pool"] == 0 or s["prompt_examples"] >= 1, "prompt_example_pool",
+         "draws the worked examples of --prompt-examples K: give K >= 1 too")
+    need(s["prompt_example_pool"] == 0 or s["prompt_example_pool"] > s["prompt_examples"], "prompt_example_pool",
+         f"must be 0 (the same examples in every prompt) or more than --prompt-examples {s['prompt_examples']} "
+         "(each prompt draws its K from the first P)")
+
+
 def validate(cfg: Config) -> list[str]:
     """Check every option's range; raise UsageError on the first bad one. Returns warnings about
     settings that are legal but make learning impossible or suspicious."""
@@ -252,7 +277,6 @@ def validate(cfg: Config) -> list[str]:
     need(cfg.batch_size >= 1, "batch_size", "must be >= 1 query per step")
     need(cfg.num_generations >= 2, "num_generations", "must be >= 2: a group of one rollout has no contrast, "
                                                         "so every advantage would be 0")
-    need(cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1 token")
     need(cfg.temperature > 0 and math.isfinite(cfg.temperature), "temperature",
          "must be > 0 for training (the log-probs divide by it); greedy decoding is for evaluation (eval.py)")
     need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -271,20 +295,7 @@ def validate(cfg: Config) -> list[str]:
     need(0 <= cfg.tau <= 1, "tau", "must be in [0, 1]")
     need(0 <= cfg.raae_penalty <= 1, "raae_penalty", "must be in [0, 1]")
     need(cfg.raae_floor >= 0, "raae_floor", "must be >= 0")
-    need(cfg.num_candidates == 0 or cfg.num_candidates >= 2, "num_candidates",
-         "must be >= 2 (1 correct + negatives), or 0 for open generation")
-    need(cfg.hard_negatives >= 0, "hard_negatives", "must be >= 0")
-    need(cfg.answer_size >= 1, "answer_size", "must be >= 1")
-    need(cfg.history_len >= 0, "history_len", "must be >= 0")
-    need(cfg.prompt_examples >= 0, "prompt_examples", "must be >= 0")
-    need(cfg.prompt_examples == 0 or cfg.answer_size == 1, "prompt_examples",
-         "needs --answer-size 1 (the examples' gold answers name one title)")
-    need(cfg.prompt_example_pool >= 0, "prompt_example_pool", "must be >= 0 (0: the same examples in every prompt)")
-    need(cfg.prompt_example_pool == 0 or cfg.prompt_examples >= 1, "prompt_example_pool",
-         "draws the worked examples of --prompt-examples K: give K >= 1 too")
-    need(cfg.prompt_example_pool == 0 or cfg.prompt_example_pool > cfg.prompt_examples, "prompt_example_pool",
-         f"must be 0 (the same examples in every prompt) or more than --prompt-examples {cfg.prompt_examples} "
-         "(each prompt draws its K from the first P)")
+    check_prompt_format({k: getattr(cfg, k) for k in PROMPT_FORMAT})
     need(cfg.sft_steps >= 0, "sft_steps", "must be >= 0")
     need(cfg.sft_batch_size >= 1, "sft_batch_size", "must be >= 1")
     need(cfg.sft_prompt_weight >= 0, "sft_prompt_weight", "must be >= 0")

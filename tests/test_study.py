@@ -210,7 +210,7 @@ def test_eval_and_ask_take_the_checkpoints_example_pool_unless_told(micro_model,
         script.main(["--model", str(ckpt), "--help"])
     assert "[the checkpoint's: 5]" in " ".join(capsys.readouterr().out.split())
     assert script.main(["--model", str(ckpt), "--prompt-example-pool", "1"]) == 2
-    assert capsys.readouterr().err.startswith("error: --prompt-example-pool 1: must be 0, or more than")
+    assert capsys.readouterr().err.startswith("error: --prompt-example-pool 1: must be 0 (the same examples in every prompt) or more than")
 
     from rerec_mini import ask
     real_render = ask.render_prompt
