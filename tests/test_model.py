@@ -135,7 +135,7 @@ def test_token_logprobs_equal_naive(with_entropy, keep_logits):
     ids = torch.randint(0, 512, (3, 20))
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[0, 5:20], mask[1, 8:14], mask[2, 1:3] = True, True, True  # completions of different lengths
-    T, w = 0.7, torch.randn(2, 3, 20)
+    T, w = 0.7, torch.randn(1, 3, 20)
 
     def naive():
         logp = torch.log_softmax(model(ids).float() / T, -1)[:, :-1]  # position t-1 predicts ids[:, t]
@@ -147,7 +147,7 @@ def test_token_logprobs_equal_naive(with_entropy, keep_logits):
     def values_and_grads(fn):
         model.zero_grad()
         lp, ent = fn()
-        ((lp * w[0]).sum() + (ent * w[1]).sum() * with_entropy).backward()
+        (lp * w[0]).sum().backward()  # the entropy is a logged figure: token_logprobs gives it no gradient
         return lp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]
 
     def chunked():
@@ -156,6 +156,7 @@ def test_token_logprobs_equal_naive(with_entropy, keep_logits):
         return out if with_entropy else (out, torch.zeros_like(out))
 
     ref, got = values_and_grads(naive), values_and_grads(chunked)
+    assert not chunked()[1].requires_grad  # no graph kept alive for it (issue 30: ~10 GB at 1.5B)
     assert got[0].dtype == torch.float32 and (got[0][~mask] == 0).all()
     torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
     if with_entropy:

@@ -412,3 +412,71 @@ def test_sft_candidate_ramp_and_learning_rate_schedule(micro_model, tmp_path, ds
                                  sft_learning_rate=1e-3), ds, micro_model, torch.device("cpu"))
     assert {plain.sft_candidates(s) for s in (0, 50, 99)} == {8}
     assert plain.sft_lr_at(0) == pytest.approx(1e-4) and {plain.sft_lr_at(s) for s in (9, 50, 100)} == {1e-3}
+
+
+def test_the_update_holds_no_memory_it_does_not_need(micro_model, tmp_path, monkeypatch, varied_rewards, ds):
+    """Three things that held GPU memory for nothing at 1.5B (issue 30's 53 GB peak): the policy pass's
+    bf16 weight casts, kept by autocast's cache until the pass ended (2.6 GB); gradients, kept through
+    the next step's sampling (6.2 GB); the logged entropy's autograd graph, which kept every
+    checkpointed head chunk's recomputed [n, V] tensors alive past the backward (~10 GB)."""
+    tr = Trainer(micro_config(micro_model, tmp_path / "run", precision="bf16", sft_steps=1, sft_source="gold"),
+                 ds, micro_model, torch.device("cpu"))
+    seen = []
+    real = tr.logprobs
+
+    def spy(model, m, with_entropy=False):
+        out = real(model, m, with_entropy=with_entropy)
+        if torch.is_grad_enabled():
+            seen.append((torch.is_autocast_cache_enabled(), out[1].requires_grad, out[1].grad_fn))
+        return out
+
+    monkeypatch.setattr(tr, "logprobs", spy)
+    tr.sft_step()
+    assert all(p.grad is None for p in tr.model.parameters())  # after an SFT step
+    tr.start_rl()
+    tr.step()
+    assert seen and all(s == (False, False, None) for s in seen), seen
+    assert all(p.grad is None for p in tr.model.parameters())  # after an RL update
+
+
+def test_the_update_holds_one_head_chunk_at_a_time(micro_model, tmp_path, monkeypatch, varied_rewards, ds):
+    """With every head chunk checkpointed (as at 1.5B), the update never holds more than one chunk's
+    [chunk, V] float32 tensors at once. Before the entropy lost its autograd graph, each chunk's
+    recompute left two behind until the next micro-batch's forward: 19 alive at once here, ~10 GB at 1.5B."""
+    import weakref
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from rerec_mini import model as M
+    monkeypatch.setattr(M, "KEEP_LOGITS", 0)
+    chunk = 3  # not the 4 rollouts' row count, so that no sampling tensor has a chunk's shape
+    tr = Trainer(micro_config(micro_model, tmp_path / "run", logprob_chunk=chunk, micro_batch_size=2), ds, micro_model,
+                 torch.device("cpu"))
+    tr.start_rl()
+    shape = (chunk, tr.model.cfg.vocab_size)
+
+    class Chunks(TorchDispatchMode):
+        """Counts the distinct [chunk, V] float32 storages alive, and the most at once."""
+        def __init__(self):
+            super().__init__()
+            self.alive, self.most = set(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape:
+                    st = t.untyped_storage()
+                    if id(st) not in self.alive:
+                        self.alive.add(id(st))
+                        weakref.finalize(st, self.alive.discard, id(st))
+                        self.most = max(self.most, len(self.alive))
+            return out
+
+    watch, update = Chunks(), tr.update
+
+    def watched(*a, **kw):
+        with watch:
+            return update(*a, **kw)
+    monkeypatch.setattr(tr, "update", watched)
+    row = tr.step()
+    assert row["update_completion_tokens"] > 4 * chunk  # several chunks per micro-batch
+    assert 1 <= watch.most <= 4, watch.most  # its logits, log-softmax, and their gradients in backward

@@ -139,8 +139,9 @@ class PeakWatch:
 
 def peak_by_phase(tr: Trainer, w: PeakWatch | None = None) -> dict[str, float]:
     """One more step, watched (PeakWatch): GB allocated at most during sampling, scoring, advantages, the
-    update, and within the update the reference, old-policy and policy log-prob passes (forward, and
-    the policy's backward after it until the next pass), the optimiser step and the sampling copy's refresh."""
+    update, and within the update the reference, old-policy and policy log-prob passes, the optimiser
+    step and the sampling copy's refresh. A pass's label covers its forward only: the policy's backward
+    runs after `logprobs` returns, so a peak in a backward shows as `update` above every label inside it."""
     w = w or PeakWatch()
     for name, label in (("rollout", "sample"), ("score", "score"), ("advantages", "advantages"),
                         ("update", "update"), ("sync_rollout_model", "update: refresh sampling copy")):
@@ -207,6 +208,7 @@ def run(preset: str = "tiny", device: str = "auto", steps: int = 5, warmup: int 
             out["peak_tflops"] = peak_tflops
             out["mfu_update"] = out["update_tflop_per_s"] / peak_tflops
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9  # + the allocator's cache: what a card needs
             out["device_name"] = torch.cuda.get_device_name(dev)
             out["memory_between_steps_gb"] = torch.cuda.memory_allocated() / 1e9  # + gradients and AdamW moments
             try:  # where the peak is; a failure here must not cost the figures above
