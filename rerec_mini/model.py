@@ -51,18 +51,20 @@ class Rotary(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions: [B, T] or [T] -> cos, sin: [B or 1, T, head_dim] in `dtype`."""
+        """positions: [B, T] or [T] -> cos, sin: [B or 1, T, head_dim] in `dtype`, with the first half of
+        sin negated (apply_rope's form): [cos a, cos a] and [-sin a, sin a] for the angles a [.., D/2]."""
         ang = positions[..., None].float() * self.inv_freq
-        ang = torch.cat([ang, ang], dim=-1)
         if ang.dim() == 2:
             ang = ang[None]
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+        c, s = ang.cos(), ang.sin()
+        return torch.cat([c, c], dim=-1).to(dtype), torch.cat([-s, s], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, heads, T, D]; cos/sin: [B, T, D]. Rotates the two halves of D (the HF/Qwen layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    """x: [B, heads, T, D]; cos, sin: [B, T, D] from Rotary. Rotates the two halves of D (the HF/Qwen
+    layout): x * cos + [-x2, x1] * sin, computed as x * cos + [x2, x1] * [-sin, sin] so that the swap is
+    one roll and the negation is done once per forward, not per layer; (-a) * b == a * (-b) exactly."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -72,9 +74,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # statistics in float32 (as HF does), weight applied in the model dtype
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Statistics in float32 (as HF does), weight applied in the model dtype. F.rms_norm is HF's
+        # x * rsqrt(mean(x^2) + eps) as one op (one kernel on CUDA in recent torch) instead of six
+        # elementwise kernels; a float32 x (our residual stream) takes the weight inside it too, which
+        # is the same product. A bf16 x keeps HF's rounding to bf16 before the weight.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Fp32OutMatmul(torch.autograd.Function):
