@@ -1,7 +1,8 @@
 """The policy network: a decoder for the Qwen2/Qwen2.5 and Llama-3.x families in plain PyTorch.
 
 Parameter names are Hugging Face's, so `config.json` + `*.safetensors` load and save 1:1 and
-transformers/vLLM read our checkpoints. The config and RoPE frequencies live in architecture.py.
+transformers/vLLM read our checkpoints. Frozen copies (the sampling copy, the reference; frozen_copy)
+fuse each layer's q|k|v and gate|up projections into one Linear each; the trainable policy never does. The config and RoPE frequencies live in architecture.py.
 Also here: resolving a model name (dir, .gguf file, hub id, alias, `tiny`), the offline `tiny` model, and `token_logprobs`, which the trainer uses to score completions in chunks
 (never a float32 [B, T, V] tensor; V is 151,936 for Qwen2.5).
 """
@@ -51,18 +52,20 @@ class Rotary(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions: [B, T] or [T] -> cos, sin: [B or 1, T, head_dim] in `dtype`."""
+        """positions: [B, T] or [T] -> cos, sin: [B or 1, T, head_dim] in `dtype`, with the first half of
+        sin negated (apply_rope's form): [cos a, cos a] and [-sin a, sin a] for the angles a [.., D/2]."""
         ang = positions[..., None].float() * self.inv_freq
-        ang = torch.cat([ang, ang], dim=-1)
         if ang.dim() == 2:
             ang = ang[None]
-        return ang.cos().to(dtype), ang.sin().to(dtype)
+        c, s = ang.cos(), ang.sin()
+        return torch.cat([c, c], dim=-1).to(dtype), torch.cat([-s, s], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, heads, T, D]; cos/sin: [B, T, D]. Rotates the two halves of D (the HF/Qwen layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    """x: [B, heads, T, D]; cos, sin: [B, T, D] from Rotary. Rotates the two halves of D (the HF/Qwen
+    layout): x * cos + [-x2, x1] * sin, computed as x * cos + [x2, x1] * [-sin, sin] so that the swap is
+    one roll and the negation is done once per forward, not per layer; (-a) * b == a * (-b) exactly."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -72,9 +75,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # statistics in float32 (as HF does), weight applied in the model dtype
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Statistics in float32 (as HF does), weight applied in the model dtype. F.rms_norm is HF's
+        # x * rsqrt(mean(x^2) + eps) as one op (one kernel on CUDA in recent torch) instead of six
+        # elementwise kernels; a float32 x (our residual stream) takes the weight inside it too, which
+        # is the same product. A bf16 x keeps HF's rounding to bf16 before the weight.
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Fp32OutMatmul(torch.autograd.Function):
@@ -149,6 +156,23 @@ def flash_first(q: torch.Tensor):
         return contextlib.nullcontext()
 
 
+# A frozen copy's fused projections (CausalLM.fuse_projections): name -> the HF projections whose
+# output rows it stacks, in this order. copy_weights fills them from a policy's separate ones.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def stack_linears(*parts: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side: their weights (and biases) stacked by
+    output row. One GEMM reads the input once and fills the GPU better than several narrow ones (a 1.5B
+    layer's k and v projections have 256 outputs each). On the meta device it allocates nothing."""
+    w = torch.cat([p.weight.detach() for p in parts])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=parts[0].weight.requires_grad)
+    if out.bias is not None:
+        out.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=parts[0].bias.requires_grad)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -157,10 +181,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = None  # fuse(): q|k|v in one Linear (frozen copies only)
+
+    def fuse(self) -> None:
+        """q_proj, k_proj, v_proj -> one qkv_proj (see FUSED). Only for frozen copies: the policy keeps the
+        three HF projections that checkpoints, GGUF export and FSDP name."""
+        self.qkv_proj = stack_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def qkv(self, x, cos, sin):
         """x: [B, T, hidden] -> q [B, heads, T, D], k and v [B, kv_heads, T, D], RoPE applied."""
         B, T, _ = x.shape
+        if self.qkv_proj is not None:  # one GEMM, and one RoPE over the q and k heads together
+            qkv = self.qkv_proj(x).view(B, T, self.nh + 2 * self.nkv, self.hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, :self.nh + self.nkv], cos, sin)
+            return qk[:, :self.nh], qk[:, self.nh:], qkv[:, self.nh + self.nkv:]
         q = apply_rope(self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2), cos, sin)
         return q, k, self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
@@ -222,8 +257,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
+        self.gate_up_proj = None  # fuse(): gate|up in one Linear (frozen copies only)
+
+    def fuse(self) -> None:
+        """gate_proj, up_proj -> one gate_up_proj (see Attention.fuse)."""
+        self.gate_up_proj = stack_linears(self.gate_proj, self.up_proj)
+        self.gate_proj = self.up_proj = None
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -322,7 +366,7 @@ class CausalLM(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """The dtype the matmuls run in here and now: autocast's when it is on, else the weights'. The
         sampler's KV cache takes it."""
-        w = self.model.layers[0].self_attn.k_proj.weight if len(self.model.layers) else self.model.norm.weight
+        w = self.model.layers[0].self_attn.o_proj.weight if len(self.model.layers) else self.model.norm.weight
         return torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
 
     def forward(self, input_ids, positions=None, cache=None, slots=None, mask=None, length=None, last_only=False):
@@ -346,6 +390,14 @@ class CausalLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * std)
         return self
 
+    def fuse_projections(self) -> "CausalLM":
+        """Each layer's q|k|v and gate|up projections as one Linear each: 4 GEMMs a layer instead of 7.
+        For frozen copies (frozen_copy); the weights keep their values, under other names (see FUSED)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -357,22 +409,38 @@ class CausalLM(nn.Module):
         return 6 * matmul + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
+def source_names(name: str, src_names) -> list[str]:
+    """The parameters of a source model (names `src_names`) that dst's parameter `name` is made of: the
+    same name; a fused projection's parts, stacked by row in this order (...self_attn.qkv_proj.bias ->
+    the q, k and v biases); or, for a tied source, the embedding behind a separate `lm_head.weight`."""
+    if name in src_names:
+        return [name]
+    module, _, leaf = name.rpartition(".")
+    parent, _, proj = module.rpartition(".")
+    if proj in FUSED:
+        return [f"{parent}.{part}.{leaf}" for part in FUSED[proj]]
+    if name == "lm_head.weight":
+        return ["model.embed_tokens.weight"]
+    raise KeyError(f"copy_weights: {name} has no counterpart in the source model")
+
+
 @torch.no_grad()
 def copy_weights(dst: CausalLM, src: CausalLM) -> CausalLM:
-    """dst's parameters <- src's, matched by name, each cast to dst's dtype and device. The one name dst
-    may have that src lacks is a tied model's separate `lm_head.weight` (see frozen_copy): it takes the
-    embedding. A sharded source (--fsdp: its parameters are DTensors) is gathered one parameter at a
-    time, so the whole float32 model never exists twice."""
+    """dst's parameters <- src's, matched by name (see source_names: a fused projection of dst takes its
+    parts' rows), each cast to dst's dtype and device. A sharded source (--fsdp: its parameters are
+    DTensors) is gathered one parameter at a time, so the whole float32 model never exists twice."""
     sp = dict(src.named_parameters())
     for name, p in dst.named_parameters():
-        if name not in sp and name != "lm_head.weight":
-            raise KeyError(f"copy_weights: {name} has no counterpart in the source model")
-        value = sp.get(name, sp.get("lm_head.weight", sp["model.embed_tokens.weight"]))
-        p.copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
+        row = 0
+        for part in source_names(name, sp):
+            value = sp[part].full_tensor() if hasattr(sp[part], "full_tensor") else sp[part]
+            p[row:row + value.shape[0]].copy_(value)
+            row += value.shape[0]
+        assert row == p.shape[0], f"copy_weights: {name} has {p.shape[0]} rows, its sources {row}"
     return dst
 
 
-def frozen_copy(model: CausalLM, bf16_matmuls: bool, device) -> CausalLM:
+def frozen_copy(model: CausalLM, bf16_matmuls: bool, device, fused: bool = True) -> CausalLM:
     """A frozen copy of `model`, on `device`, that computes what `model` computes under bf16 autocast.
 
     Under autocast the policy's matmuls read its float32 weights rounded to bf16, while its embeddings,
@@ -381,11 +449,15 @@ def frozen_copy(model: CausalLM, bf16_matmuls: bool, device) -> CausalLM:
     memory (a pure-bf16 copy differs: bf16 residuals and norms; on SmolLM2-135M its sampled log-probs
     were 0.04 apart from the trainer's on average). A tied head gets its own bf16 copy of the embedding,
     so that a decode step reads 2 bytes per head weight instead of casting the float32 embedding every
-    token. Built on the meta device and filled tensor by tensor: no transient second float32 model."""
+    token. With `fused` each layer's q|k|v and gate|up projections are one Linear each (fuse_projections:
+    4 GEMMs a layer instead of 7, the same parameter bytes). Built on the meta device and filled tensor
+    by tensor: no transient second float32 model, and never both the separate and the fused weights."""
     with torch.device("meta"):
         ref = CausalLM(model.cfg)
         if bf16_matmuls and ref.lm_head is None:
             ref.lm_head = nn.Linear(model.cfg.hidden_size, model.cfg.vocab_size, bias=False)
+        if fused:
+            ref.fuse_projections()
     ref = ref.to(torch.float32).to_empty(device=device)
     if bf16_matmuls:
         for m in ref.modules():

@@ -13,7 +13,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu.json").read_text())
     parts = res["parts"]
-    assert set(parts) == {"graph", "kernels", "sampler", "train", "share", "real", "torchrun"}
+    assert set(parts) == {"graph", "kernels", "sampler", "decode", "train", "share", "real", "torchrun"}
     assert not any("error" in p for p in parts.values())
     assert parts["graph"]["identical_rows"] == parts["graph"]["rows"] and parts["graph"]["reference_check"] == "passed"
     assert parts["graph"]["reference"]["float32"]["math"]["tokens"] > 0
@@ -23,6 +23,10 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert parts["train"]["sampler_gap"]["trainer_copy"]["tokens"] > 0 and parts["train"]["tis_cap"] == 2.0
     assert parts["share"]["on_trunk_tokens"] < parts["share"]["off_trunk_tokens"] and parts["share"]["on_shared"] == 1
     assert parts["sampler"]["ratio"] > 0 and parts["sampler"]["floor_ms_per_step"] > 0
+    assert parts["sampler"]["fused"] and parts["sampler"]["ops_per_step"]["ops"] > 0
+    dec = parts["decode"]  # fused vs unfused sampling copy: fewer ops, the same bytes, both timed
+    assert dec["fused"]["ops"] < dec["unfused"]["ops"] and dec["fused"]["param_gb"] == dec["unfused"]["param_gb"]
+    assert dec["step_speedup"] > 0 and dec["tok_s_ratio"] > 0 and dec["greedy_identical_rows"].startswith("4 of 4")
     assert parts["train"]["update_tokens"] > 0 and parts["train"]["update_model_tflops"] > 0
     assert "hit@1" in parts["real"]["final"]["overall"]
     for name in ("torchrun", "fsdp"):  # a process group of one trains what python train.py does

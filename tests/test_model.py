@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rerec_mini.model import (CausalLM, ModelConfig, build_tiny, hub_cli, load_model, load_tokenizer, save_model,
-                              tiny_model_dir, token_logprobs)
+from rerec_mini.model import (CausalLM, ModelConfig, RMSNorm, Rotary, apply_rope, build_tiny, hub_cli, load_model,
+                              load_tokenizer, save_model, tiny_model_dir, token_logprobs)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -188,6 +188,39 @@ def test_bf16_keeps_rope_in_float32_and_counts():
     assert model(torch.randint(0, 512, (1, 8))).dtype == torch.float32  # the head's output: see the next test
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
     assert model.flops_per_token(128) > 6 * (model.num_parameters() - 512 * 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_rope_compute_hfs_formulas_exactly(dtype):
+    """RMSNorm as one F.rms_norm and RoPE as a roll against a pre-negated sin are fewer kernels than HF's
+    written-out formulas (six for the norm; a neg and a cat per RoPE): the same numbers, bit for bit."""
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(64))
+    for x in (torch.randn(3, 5, 64) * 7, torch.randn(3, 5, 64).to(dtype)):  # float32 residual; a bf16 model's
+        xf = x.float()
+        hf = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        assert torch.equal(norm(x), hf)
+    x = (torch.randn(3, 5, 64) * 7).requires_grad_()  # training: the gradients, within float32 rounding
+    g = torch.randn(3, 5, 64)
+    norm = norm.float()
+    grads = [torch.autograd.grad((f(x) * g).sum(), [x, norm.weight]) for f in (
+        norm, lambda x: norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cfg = ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=32, rope_theta=1e6)
+    rotary = Rotary(cfg)
+    positions = torch.randint(0, 30000, (3, 5))
+    cos, sin = rotary(positions, torch.float32)
+    ang = positions[..., None].float() * rotary.inv_freq
+    ang = torch.cat([ang, ang], dim=-1)
+    assert torch.equal(cos, ang.cos())
+    q = torch.randn(3, 2, 5, 32).to(dtype)  # a bf16 projection's output meets float32 cos/sin, as under autocast
+    q1, q2 = q.chunk(2, dim=-1)
+    hf = q * ang.cos()[:, None] + torch.cat([-q2, q1], dim=-1) * ang.sin()[:, None]
+    assert torch.equal(apply_rope(q, cos, sin), hf)
 
 
 @pytest.mark.parametrize("where", ["bf16 model", "fp32 model under bf16 autocast"])

@@ -12,7 +12,7 @@ import torch
 
 from rerec_mini import trainer as T
 from rerec_mini.config import TINY_PRESET, Config, resolve_config
-from rerec_mini.model import load_model, load_tokenizer, token_logprobs
+from rerec_mini.model import load_model, load_tokenizer, source_names, token_logprobs
 from rerec_mini.prompts import eos_ids, turn_end_id
 from rerec_mini.run import Run, prepare, train
 from rerec_mini.trainer import Trainer, TrainingStopped, frozen_copy
@@ -170,14 +170,14 @@ def test_bf16_sampling_copy_is_synced_after_sft(micro_model, tmp_path):
                                    sft_learning_rate=1e-2)))
     tr = run.trainer
     assert tr.rollout_model is not tr.model
-    assert tr.rollout_model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the matmuls: bf16
-    assert tr.rollout_model.model.embed_tokens.weight.dtype == torch.float32           # the residual stream: not
+    assert tr.rollout_model.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.bfloat16  # the matmuls: bf16
+    assert tr.rollout_model.model.embed_tokens.weight.dtype == torch.float32                # the residual stream: not
     run.execute()
     init = load_model(micro_model).state_dict()
     trained = dict(tr.model.named_parameters())
-    trained["lm_head.weight"] = trained["model.embed_tokens.weight"]  # tied: the copy keeps a bf16 head of its own
-    for name, copy in tr.rollout_model.named_parameters():
-        assert torch.equal(copy, trained[name].detach().to(copy.dtype)), name
+    for name, copy in tr.rollout_model.named_parameters():  # fused projections: their parts' rows; a tied
+        parts = [trained[n].detach() for n in source_names(name, trained)]  # head: the embedding (a bf16 copy)
+        assert torch.equal(copy, torch.cat(parts).to(copy.dtype)), name
     assert any(not torch.equal(init[n], p.detach()) for n, p in tr.model.named_parameters())
 
 

@@ -1,6 +1,7 @@
 """The GPU check: every GPU figure of DESIGN §8, in calls that each fit a 10-minute lease.
 
     python -m rerec_mini.bench gpu --out DIR --parts graph,kernels,train,share,sampler   # ~6 min on an H200
+    python -m rerec_mini.bench gpu --out DIR --parts decode                                 # ~2 min
     python -m rerec_mini.bench gpu --out DIR --parts real --gguf SmolLM2-135M-Instruct.Q4_1.gguf --data data/ml1m
     python -m rerec_mini.bench gpu --out DIR --smoke                                 # every part on CPU, < 2 min
 
@@ -20,6 +21,10 @@ DIR/gpu.json and DIR/gpu.md rewritten after every part so a timed-out call still
             paper's shape (G = 5, 20 candidates with attributes, 256 tokens): seconds, memory
   sampler   ours vs transformers `generate` with its static cache, bf16, 64 rows x 512 new tokens, same
             run, ratio (both warmed up at the timed shape); ms per decode step vs the bandwidth floor
+  decode    the trainer's sampling copy (bf16 matmul weights, under autocast) with fused projections
+            (one q|k|v, one gate|up GEMM a layer) against the unfused copy, same run, alternating, 1.5B,
+            64 rows x 512 new tokens: ms per decode step, tokens/s, the ratio; ops and CUDA kernels per
+            decode step; the bandwidth floor; greedy rows identical between the two
   real      (with --gguf) the real SmolLM2-135M through the command lines, all on the GPU: the
             sampler/trainer gap on real weights; train.py (SFT, RL, checkpoints), stopped halfway and
             continued with --resume; eval.py and ask on the result; held-out hit@1, seconds per step
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 from ..cli import ArgumentParser
 from ..model import CausalLM, Fp32OutMatmul, ModelConfig, frozen_copy, token_logprobs
 from ..sampling import DecoderPool, generate
+from .sampler import decode_step_ops
 from . import sampler as sampler_bench
 from . import train as train_bench
 
@@ -291,6 +297,57 @@ def part_sampler(smoke: bool) -> dict:
         return {**res, "static_cache_error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
+def part_decode(smoke: bool) -> dict:
+    """The sampling copy as the trainer builds it (frozen_copy of a float32 policy: bf16 matmul weights,
+    sampled under bf16 autocast), with and without fused projections, timed in the same run, alternating
+    (so drift in machine speed hits both alike), every CUDA-graph bucket captured in a warm-up."""
+    policy = qwen15(smoke)  # float32, as the trainer holds it
+    dev = next(policy.parameters()).device
+    copies = {"fused": frozen_copy(policy, True, dev), "unfused": frozen_copy(policy, True, dev, fused=False)}
+    cfg = policy.cfg
+    del policy
+    P, G, N, L, repeats = (2, 2, 8, 16, 1) if smoke else (8, 8, 512, 256, 3)
+    R = P * G
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (P, L), generator=g).tolist()
+    pools = {name: DecoderPool() for name in copies}
+
+    def sample(name, n=N, temperature=1.0):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            return generate(copies[name], prompts, max_new_tokens=n, num_samples=G, temperature=temperature, seed=0,
+                            use_cuda_graph=not smoke, pool=pools[name])
+
+    greedy = {name: sample(name, min(N, 64), 0.0).completions for name in copies}
+    for name in copies:  # warm-up at the timed shape: every graph bucket captured
+        sample(name)
+    runs: dict = {name: {"seconds": [], "ms_per_step": []} for name in copies}
+    for _ in range(repeats):
+        for name in copies:
+            sync()
+            t = time.perf_counter()
+            r = sample(name)
+            sync()
+            assert r.num_tokens == R * N
+            runs[name]["seconds"].append(time.perf_counter() - t)
+            runs[name]["ms_per_step"].append(1e3 * (r.seconds - r.prefill_seconds) / r.steps)
+    bw = sampler_bench.copy_bandwidth(dev)
+    kv = cfg.num_layers * 2 * R * cfg.num_kv_heads * cfg.head_dim * 2 * (L + N / 2)  # bf16 cache, mean over steps
+    out: dict = {"shape": f"{P} prompts x {G} samples = {R} rows, prompt {L}, {N} new tokens, bf16 autocast, "
+                          f"{cfg.num_layers} layers", "repeats": repeats, "copy_gb_s": bw / 1e9}
+    for name, copy in copies.items():
+        read = sum(p.numel() * p.element_size() for n, p in copy.named_parameters() if "embed_tokens" not in n)
+        s, ms = statistics.median(runs[name]["seconds"]), statistics.median(runs[name]["ms_per_step"])
+        out[name] = {"seconds": s, "tok_s": R * N / s, "ms_per_step": ms, "floor_ms_per_step": 1e3 * (read + kv) / bw,
+                     "x_floor": ms / (1e3 * (read + kv) / bw), "runs_s": runs[name]["seconds"],
+                     "param_gb": sum(p.numel() * p.element_size() for p in copy.parameters()) / 1e9,
+                     **decode_step_ops(copy, R, L, amp=True)}
+    out["step_speedup"] = out["unfused"]["ms_per_step"] / out["fused"]["ms_per_step"]
+    out["tok_s_ratio"] = out["fused"]["tok_s"] / out["unfused"]["tok_s"]
+    same = sum(a == b for a, b in zip(greedy["fused"], greedy["unfused"]))
+    out["greedy_identical_rows"] = f"{same} of {R} ({min(N, 64)} tokens; bf16 rows may part at near-ties)"
+    return out
+
+
 def part_train(smoke: bool, peak_tflops: float) -> dict:
     if smoke:
         return train_bench.run("qwen2.5-1.5b", "cpu", steps=1, warmup=0, peak_tflops=peak_tflops,
@@ -488,8 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="run every code path on CPU with reduced sizes")
     p.add_argument("--gguf", help="the SmolLM2-135M-Instruct GGUF file, for the real-model part")
     p.add_argument("--data", help="dataset for the real-model part [the bundled data/synth-movies]")
-    p.add_argument("--parts", default="graph,kernels,train,share,sampler,real,torchrun",
-                   help="comma list of graph,kernels,train,share,sampler,real,torchrun [all, in that order]")
+    p.add_argument("--parts", default="graph,kernels,train,share,sampler,decode,real,torchrun",
+                   help="comma list of graph,kernels,train,share,sampler,decode,real,torchrun [all, in that order]")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each part in its own process, so that a crash costs only that part [on, off with --smoke]")
@@ -501,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runners = {"graph": lambda: part_graph(args.smoke), "kernels": lambda: part_kernels(args.smoke),
                "train": lambda: part_train(args.smoke, args.peak_tflops), "share": lambda: part_share(args.smoke),
-               "sampler": lambda: part_sampler(args.smoke),
+               "sampler": lambda: part_sampler(args.smoke), "decode": lambda: part_decode(args.smoke),
                "real": lambda: part_real(args.smoke, args.gguf, args.data, out),
                "torchrun": lambda: part_torchrun(args.smoke, out)}
     parts = [args.one_part] if args.one_part else [n for n in args.parts.split(",") if n]
