@@ -186,3 +186,18 @@ def test_peak_by_phase_watches_every_phase_of_a_real_step(micro_model, ds, tmp_p
     assert set(peaks) == {"sample", "score", "advantages", "update", "update: reference pass", "update: policy pass",
                           "update: optimizer step", "update: refresh sampling copy"}, peaks
     assert peaks["update"] >= max(v for k, v in peaks.items() if k.startswith("update: ")) and tr.step_no == 1
+
+
+def test_memory_bench_names_what_is_alive_at_the_update_peak_and_restores_what_it_wraps():
+    from rerec_mini import model as M
+    from rerec_mini.bench import memory
+    backward, head, keep = torch.Tensor.backward, M.Fp32OutMatmul.forward, M.KEEP_LOGITS
+    r = memory.run(hidden=32, vocab=700, intermediate=64, layers=1, heads=4, kv_heads=2, rows=8, prompt_len=12,
+                   completion_len=40, chunk=16, micro_batch=4)
+    assert torch.Tensor.backward is backward and M.Fp32OutMatmul.forward is head and M.KEEP_LOGITS == keep
+    phases = set(r["peak_by_phase_mb"])
+    assert {"update/reference pass", "update/policy forward", "update/backward", "update/optimizer step"} <= phases
+    assert r["peak_mb"] == pytest.approx(max(r["peak_by_phase_mb"].values()), abs=1e-3) and r["peak_mb"] > 0
+    # one head chunk at a time (the logged entropy's autograd graph once kept two per chunk alive)
+    assert 1 <= r["head_chunk_tensors_most"] <= 4, r["head_chunk_tensors_most"]
+    assert "update/backward" in memory.describe(r) and r["at_peak"][0]["mb"] >= r["at_peak"][-1]["mb"]

@@ -44,6 +44,8 @@ TINY = {
     "rerec_mini.bench scorer": ["--rollouts", "32", "--repeats", "1", "--step-rollouts", "8",
                                 "--data", str(BUNDLED_DATA)],
     "rerec_mini.bench train": ["--steps", "1", "--warmup", "0"],
+    "rerec_mini.bench memory": ["--hidden", "32", "--vocab", "700", "--intermediate", "64", "--layers", "1", "--rows",
+                                "8", "--prompt-len", "12", "--completion-len", "40", "--chunk", "16", "--micro-batch", "4"],
     "rerec_mini.bench sanity": ["--sft-steps", "2", "--sft-batch-size", "2", "--max-steps", "1", "--batch-size", "2",
                                 "--num-generations", "2", "--eval-every", "1", "--eval-limit", "5"],
 }

@@ -443,35 +443,15 @@ def test_the_update_holds_one_head_chunk_at_a_time(micro_model, tmp_path, monkey
     """With every head chunk checkpointed (as at 1.5B), the update never holds more than one chunk's
     [chunk, V] float32 tensors at once. Before the entropy lost its autograd graph, each chunk's
     recompute left two behind until the next micro-batch's forward: 19 alive at once here, ~10 GB at 1.5B."""
-    import weakref
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
     from rerec_mini import model as M
+    from rerec_mini.bench.memory import LiveTensors
     monkeypatch.setattr(M, "KEEP_LOGITS", 0)
     chunk = 3  # not the 4 rollouts' row count, so that no sampling tensor has a chunk's shape
     tr = Trainer(micro_config(micro_model, tmp_path / "run", logprob_chunk=chunk, micro_batch_size=2), ds, micro_model,
                  torch.device("cpu"))
     tr.start_rl()
     shape = (chunk, tr.model.cfg.vocab_size)
-
-    class Chunks(TorchDispatchMode):
-        """Counts the distinct [chunk, V] float32 storages alive, and the most at once."""
-        def __init__(self):
-            super().__init__()
-            self.alive, self.most = set(), 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape:
-                    st = t.untyped_storage()
-                    if id(st) not in self.alive:
-                        self.alive.add(id(st))
-                        weakref.finalize(st, self.alive.discard, id(st))
-                        self.most = max(self.most, len(self.alive))
-            return out
-
-    watch, update = Chunks(), tr.update
+    watch, update = LiveTensors(count=lambda s, dtype: dtype == "float32" and s == shape), tr.update
 
     def watched(*a, **kw):
         with watch:

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "train": "per-phase time of one GRPO step, tokens/s, MFU",
     "gpu": "the GPU check: every GPU figure in one command (--smoke: the same paths on CPU)",
     "sanity": "does the RL step learn? a reward no label encodes, real vs shuffled rewards (curve + PNG)",
+    "memory": "what one RL update holds at its peak, traced on CPU at a scaled-down shape (by phase)",
 }
 
 
