@@ -5,10 +5,11 @@
 
 A GPU's peak (bench train reads torch.cuda.max_memory_allocated) needs a GPU, but which tensors an update
 creates, and how long each lives, is the same code on any device. This bench runs the trainer's update
-twice on a synthetic batch (the first creates the gradients and AdamW moments, as a run's first step
-does) and traces the second: a TorchDispatchMode sees every op's outputs, a weakref finalizer sees each
+twice on a synthetic batch (the first creates the AdamW moments, as a run's first step does) and
+traces the second: a TorchDispatchMode sees every op's outputs, a weakref finalizer sees each
 storage freed. It reports the most bytes alive at once above what was held before the update (weights,
-moments, the frozen copies), the phase it happened in, and the largest groups of tensors alive then.
+moments, the frozen copies; the gradients are the update's own), the phase it happened in, and the
+largest groups of tensors alive then.
 
 The shape is the preset's with small widths (bf16 autocast, gradient checkpointing, every head chunk
 checkpointed as at full size), so bytes are the small shape's. What carries over is what is alive
@@ -130,7 +131,7 @@ def run(preset: str = "qwen2.5-1.5b", hidden: int = 96, vocab: int = 9496, inter
     b, adv = synthetic_batch(tr, rows, prompt_len, completion_len)
     keep, M.KEEP_LOGITS = M.KEEP_LOGITS, 0  # every head chunk checkpointed, as at a real vocabulary
     try:
-        tr.update(b, adv)  # gradients and AdamW moments exist from here on, as after a run's first step
+        tr.update(b, adv)  # AdamW moments exist from here on, as after a run's first step
         V = tr.model.cfg.vocab_size  # a head chunk's tensors: [<= chunk, V] float32
         live = LiveTensors(count=lambda shape, dtype: dtype == "float32" and len(shape) == 2 and shape[1] == V
                            and shape[0] <= chunk)
@@ -162,7 +163,7 @@ def run(preset: str = "qwen2.5-1.5b", hidden: int = 96, vocab: int = 9496, inter
     top = sorted(live.at_peak.items(), key=lambda kv: -kv[1][0])[:10]
     return {"preset": preset, "shape": dict(hidden=hidden, vocab=V, layers=layers, rows=rows, prompt_len=prompt_len,
                                             completion_len=completion_len, chunk=chunk, micro_batch=micro_batch),
-            "held_mb": sum(p.numel() * p.element_size() for p in tr.model.parameters()) * 4 / 1e6,  # + grads, 2 moments
+            "held_mb": sum(p.numel() * p.element_size() for p in tr.model.parameters()) * 3 / 1e6,  # + 2 moments
             "peak_mb": live.peak / 1e6, "peak_phase": live.peak_phase,
             "peak_by_phase_mb": {k: round(v / 1e6, 3) for k, v in live.by_phase.items()},
             "head_chunk_tensors_most": live.most,  # [<= chunk, V] float32 tensors alive at once, at most
@@ -176,8 +177,8 @@ def describe(r: dict) -> str:
     lines = [f"memory of one update: {r['preset']} at hidden {s['hidden']}, vocab {s['vocab']}, {s['layers']} layers, "
              f"{s['rows']} rows of {s['prompt_len']} + {s['completion_len']} tokens, micro-batch {s['micro_batch']}, "
              f"head chunk {s['chunk']} (bf16 autocast, checkpointing)",
-             f"  the policy's weights, gradients and AdamW moments: {r['held_mb']:.1f} MB (and the frozen copies)",
-             f"  peak above that: {r['peak_mb']:.1f} MB, in {r['peak_phase']}",
+             f"  held before it: the policy's weights and AdamW moments {r['held_mb']:.1f} MB, and the frozen copies",
+             f"  peak above that (gradients included): {r['peak_mb']:.1f} MB, in {r['peak_phase']}",
              f"  [chunk, V] float32 tensors alive at once, at most: {r['head_chunk_tensors_most']}",
              "  peak by phase (MB):"]
     lines += [f"    {v:9.2f}  {k}" for k, v in sorted(r["peak_by_phase_mb"].items(), key=lambda kv: -kv[1])]
