@@ -34,7 +34,7 @@ top item is one of the prompt's candidates).
 Writes `results.md`, `results.json` (every figure), `curves.csv` and `curves.png` (with matplotlib).
 Finished runs are reused, so an interrupted ablation or study continues where it stopped. --jobs N
 runs the study's arm x seed runs N at a time, each in its own process (for a small model on one
-large GPU); each run is the same run it would be alone.
+large GPU); each run is the run it would be alone with the same CPU thread count.
 """
 
 from __future__ import annotations
