@@ -162,19 +162,9 @@ class Scorer:
     def _top_listed(self, top: np.ndarray, candidates: list[list[str] | None]) -> np.ndarray:
         """[N] bool: row n's top item `top[n]` (an item row, -1 = none) is one of its candidates, or
         the row has no candidate list (open generation: every catalogue item is listed)."""
-        index, n_items = self.dataset.item_index, len(self.dataset.item_ids)
-        listed = np.array([c is not None for c in candidates], bool)  # rows with a list to check against
-        rows = [np.unique([index[i] for i in c]) for c in candidates if c is not None]
-        if not rows:
-            return np.ones(len(top), bool)
-        # keys row*I + item, sorted (rows ascend, each row's items sorted): one searchsorted for all N
-        n = np.flatnonzero(listed)
-        keys = np.repeat(n, [len(r) for r in rows]) * n_items + np.concatenate(rows)
-        ask = n * n_items + top[n]
-        pos = np.minimum(np.searchsorted(keys, ask), len(keys) - 1)
-        out = np.ones(len(top), bool)
-        out[n] = (top[n] >= 0) & (keys[pos] == ask)
-        return out
+        index = self.dataset.item_index
+        return np.array([c is None or (t >= 0 and t in {index[i] for i in c}) for t, c in zip(top, candidates)],
+                        bool)
 
     def score_answers(self, queries: list[Query], answers: list[Answer],
                       candidates: list[list[str] | None] | None = None) -> RewardBreakdown:
